@@ -1,0 +1,17 @@
+"""Errors a user can act on. Entry points print these without a traceback."""
+
+
+class QatflowError(Exception):
+    """A problem with the user's input, params or a quality gate, not a bug in qatflow."""
+
+
+class ParamsError(QatflowError):
+    pass
+
+
+class DataError(QatflowError):
+    pass
+
+
+class GateFailed(QatflowError):
+    pass

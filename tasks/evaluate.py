@@ -1,0 +1,260 @@
+"""Stage 5, evaluate: score every model variant on the test split, time it, draw the figures, and
+gate deployment on the int8 model's accuracy drop.
+
+Variants: "fp32" (the eager train-stage model), "fp32_ts" (models/fp32.pt), "ptq" (post-training
+int8, models/ptq_int8.pt) and "int8" (QAT int8, models/int8.pt, the deployed one). The eager
+variant's size is that of its state-dict checkpoint, the file it is loaded from.
+
+metrics/evaluate.json and plots/evaluate/ hold only bytes that repeat across runs; timings go to
+metrics/latency.json and plots/latency/tradeoff.png. fp32_ts is timed after `torch.jit.optimize_for_inference` (in memory only: its
+output cannot be saved), because int8 must beat the best fp32, not a slow one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+
+from tasks import figures
+from tasks.atomic import write_json, write_text, write_with
+from tasks.cli import run_stage
+from tasks.errors import DataError, GateFailed
+from tasks.layout import Layout, project_layout
+from tasks.model import load_checkpoint
+from tasks.params import EvaluateParams, load_params
+from tasks.scores import calibration, class_scores, confusion_matrix
+
+CALIBRATION_BINS = 10
+WARMUP_CALLS = 5  # TorchScript's profiling executor specializes the graph over the first calls
+DPI = 110
+VARIANTS = ("fp32", "fp32_ts", "ptq", "int8")
+COMPARED = ("fp32", "int8")  # the pair the per-class and calibration outputs put side by side
+
+
+def load_torchscript(path: Path, class_names: list[str]) -> torch.jit.ScriptModule:
+    extra = {"meta.json": ""}
+    model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    meta = json.loads(extra["meta.json"])
+    if meta["class_names"] != class_names:
+        raise DataError(f"{path}: class names differ from data/prepared/meta.json; re-run export")
+    if meta.get("backend"):  # int8 kernels exist per backend; the engine is process-global
+        torch.backends.quantized.engine = meta["backend"]
+    return model
+
+
+@torch.inference_mode()
+def predict_proba(model, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    return torch.softmax(logits.double(), dim=1).numpy()
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One variant's predictions on the test split and everything derived from them."""
+
+    proba: np.ndarray
+    pred: np.ndarray
+    matrix: np.ndarray
+    per_class: dict[str, np.ndarray]
+    bins: dict[str, np.ndarray]
+    ece: float
+
+    @classmethod
+    def of(cls, proba: np.ndarray, y: np.ndarray, num_classes: int) -> Scored:
+        pred = proba.argmax(axis=1)
+        matrix = confusion_matrix(y, pred, num_classes)
+        return cls(proba, pred, matrix, class_scores(matrix), *calibration(proba, y, CALIBRATION_BINS))
+
+    @property
+    def correct(self) -> int:
+        return int(np.trace(self.matrix))
+
+
+def time_model(model, x: torch.Tensor, batch_sizes: list[int], repeats: int) -> dict[str, dict]:
+    """Median and p90 wall time of single calls, in ms, per batch size."""
+    result = {}
+    with torch.inference_mode():
+        for batch_size in batch_sizes:
+            batch = x[torch.arange(batch_size) % len(x)]  # the test set repeated if it is smaller
+            for _ in range(WARMUP_CALLS):
+                model(batch)
+            seconds = np.empty(repeats)
+            for i in range(repeats):
+                start = time.perf_counter()
+                model(batch)
+                seconds[i] = time.perf_counter() - start
+            median, p90 = np.percentile(seconds * 1e3, [50, 90])
+            result[f"batch_{batch_size}"] = {"median_ms": round(float(median), 4),
+                                                 "p90_ms": round(float(p90), 4)}
+    return result
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_history(path: Path) -> dict[str, np.ndarray]:
+    table = np.atleast_1d(np.genfromtxt(path, delimiter=",", names=True))
+    return {name: table[name] for name in table.dtype.names}
+
+
+def _csv(header: list[str], rows) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _png(path: Path, fig: Figure) -> None:
+    # No "Software" entry: it names the matplotlib version, and byte-stable PNGs need stable bytes.
+    write_with(path, lambda f: fig.savefig(f, format="png", dpi=DPI, metadata={"Software": None}))
+
+
+def evaluate(params: EvaluateParams, layout: Layout) -> dict:
+    layout.require(layout.prepared / "meta.json", layout.train_model, layout.fp32_ts,
+                   layout.ptq_ts, layout.int8_ts)
+    torch.set_num_threads(params.threads)
+    meta = json.loads((layout.prepared / "meta.json").read_text())
+    names = meta["class_names"]
+    with np.load(layout.prepared / "test.npz", allow_pickle=False) as test:
+        x, y, x_raw = torch.from_numpy(test["x"]), test["y"], test["x_raw"]
+    n = len(y)
+
+    files = dict(zip(VARIANTS, (layout.train_model, layout.fp32_ts, layout.ptq_ts, layout.int8_ts)))
+    metrics: dict = {"test_samples": n}
+    latency: dict = {"threads": params.threads, "repeats": params.latency_repeats,
+                     "torch_version": torch.__version__, "cpu": cpu_name()}
+    scored: dict[str, Scored] = {}
+    for name, path in files.items():
+        model = load_checkpoint(path)[0] if name == "fp32" else load_torchscript(path, names)
+        scored[name] = s = Scored.of(predict_proba(model, x), y, len(names))
+        metrics[name] = {"accuracy": round(s.correct / n, 6),
+                         "macro_f1": round(float(s.per_class["f1"].mean()), 6),
+                         "ece": round(s.ece, 6), "size_bytes": path.stat().st_size}
+        if name == "fp32_ts":
+            model = torch.jit.optimize_for_inference(model)
+        latency[name] = time_model(model, x, params.latency_batch_sizes, params.latency_repeats)
+
+    # From counts, so that a drop of exactly the limit compares equal to it.
+    drop = round(100 * (scored["fp32"].correct - scored["int8"].correct) / n, 4)
+    passed = drop <= params.max_accuracy_drop
+    metrics |= {
+        "size_ratio": round(metrics["fp32_ts"]["size_bytes"] / metrics["int8"]["size_bytes"], 3),
+        "accuracy_drop": drop,
+        "ptq_accuracy_drop": round(100 * (scored["fp32"].correct - scored["ptq"].correct) / n, 4),
+        "gate": {"passed": passed, "max_accuracy_drop": params.max_accuracy_drop},
+    }
+    latency["int8_speedup_vs_fp32_ts"] = {
+        key: round(latency["fp32_ts"][key]["median_ms"] / latency["int8"][key]["median_ms"], 3)
+        for key in latency["int8"]
+    }
+    write_json(layout.metrics("evaluate"), metrics)
+    write_json(layout.latency, latency)
+    out = layout.plots("evaluate")
+    write_tables(out, names, y, scored)
+    write_figures(out, params, layout, meta, y, x_raw, scored, metrics, latency)
+    print_summary(metrics, latency)
+    if not passed:
+        raise GateFailed(
+            f"int8 accuracy is {drop:g} pp below fp32 ({metrics['int8']['accuracy']:.2%} vs "
+            f"{metrics['fp32']['accuracy']:.2%}), over evaluate.max_accuracy_drop = "
+            f"{params.max_accuracy_drop:g} pp; metrics and plots were written"
+        )
+    return metrics
+
+
+def write_tables(out: Path, names: list[str], y: np.ndarray, scored: dict[str, Scored]) -> None:
+    """The CSVs behind DVC's plots: int8 confusion pairs, per-class scores, calibration bins."""
+    labels = np.array(names)
+    write_text(out / "confusion.csv", _csv(["actual", "predicted"],
+                                           zip(labels[y], labels[scored["int8"].pred])))
+    columns = [(v, s) for v in COMPARED for s in ("precision", "recall")]
+    support = np.bincount(y, minlength=len(names))
+    write_text(out / "per_class.csv", _csv(
+        ["class", "support", *(f"{v}_{s}" for v, s in columns)],
+        ([c, int(support[i]), *(round(float(scored[v].per_class[s][i]), 6) for v, s in columns)]
+         for i, c in enumerate(names)),
+    ))
+    fields = ("bin", "confidence", "accuracy", "count")
+    write_text(out / "calibration.csv", _csv(
+        ["variant", *fields],
+        ([v, int(b), round(float(conf), 6), round(float(acc), 6), int(count)]
+         for v in COMPARED for b, conf, acc, count in zip(*(scored[v].bins[f] for f in fields))),
+    ))
+
+
+def write_figures(out, params, layout, meta, y, x_raw, scored, metrics, latency) -> None:
+    names = meta["class_names"]
+    int8 = scored["int8"]
+    history = [read_history(layout.plots(stage) / "history.csv") for stage in ("train", "qat")]
+    _png(out / "training_curves.png", figures.training_curves_figure(*history))
+    _png(out / "confusion_int8.png", figures.confusion_figure(
+        int8.matrix, names, "int8 (QAT) confusion matrix, test set"))
+    _png(out / "per_class_accuracy.png",
+         figures.per_class_figure(names, {v: scored[v].per_class["recall"] for v in COMPARED}))
+    batch = min(params.latency_batch_sizes)
+    points = [{"name": v, "accuracy": metrics[v]["accuracy"], "size_bytes": metrics[v]["size_bytes"],
+               "latency_ms": latency[v][f"batch_{batch}"]["median_ms"]} for v in scored]
+    # Drawn from timings, so it changes every run: kept out of the byte-stable plots/evaluate.
+    _png(layout.plots("latency") / "tradeoff.png", figures.tradeoff_figure(points, batch))
+    _png(out / "reliability.png", figures.reliability_figure(
+        {v: scored[v].bins for v in COMPARED}, {v: scored[v].ece for v in COMPARED},
+        CALIBRATION_BINS))
+
+    # Most confident mistakes first: those are the ones a deployment would trust.
+    confidence = int8.proba.max(axis=1)
+    wrong = np.flatnonzero(int8.pred != y)
+    shown = wrong[np.argsort(-confidence[wrong], kind="stable")][: params.misclassified_shown]
+    images = np.clip(x_raw[shown].astype(np.float32) / meta["normalization"]["scale"], 0, 1)
+    images = images.transpose(0, 2, 3, 1) if images.shape[1] == 3 else images[:, 0]
+    titles = [f"{names[y[i]]}→{names[int8.pred[i]]} (p={confidence[i]:.2f})" for i in shown]
+    _png(out / "misclassified.png", figures.misclassified_figure(
+        images, titles, f"int8 misclassifications, most confident first ({len(shown)} of {len(wrong)})"))
+
+
+def print_summary(metrics: dict, latency: dict) -> None:
+    keys = list(latency["int8"])
+    table = Table(title="evaluate: test set")
+    for column in ["variant", "accuracy", "macro-F1", "ECE", "size", *(f"{k} ms" for k in keys)]:
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for v in VARIANTS:
+        m = metrics[v]
+        table.add_row(v, f"{m['accuracy']:.2%}", f"{m['macro_f1']:.4f}", f"{m['ece']:.4f}",
+                      f"{m['size_bytes'] / 1024:.0f} KiB",
+                      *(f"{latency[v][k]['median_ms']:.3f}" for k in keys))
+    console = Console()
+    console.print(table)
+    speedup = ", ".join(f"{k} {s:g}x" for k, s in latency["int8_speedup_vs_fp32_ts"].items())
+    gate = metrics["gate"]
+    console.print(
+        f"int8 vs fp32: drop {metrics['accuracy_drop']:g} pp (limit {gate['max_accuracy_drop']:g}) "
+        f"{'[green]PASSED[/]' if gate['passed'] else '[red]FAILED[/]'}; "
+        f"{metrics['size_ratio']:g}x smaller; speedup vs optimized fp32_ts: {speedup}"
+    )
+
+
+def main(args) -> None:
+    """Score, time and plot every model variant; fail if int8 loses too much accuracy."""
+    evaluate(load_params(args.params).evaluate, project_layout())
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

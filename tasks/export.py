@@ -1,0 +1,140 @@
+"""Stage 4, export: TorchScript files that a deployment loads with `torch.jit.load` alone.
+
+models/fp32.pt (trace -> freeze), models/int8.pt (QAT) and models/ptq_int8.pt (PTQ baseline)
+(trace -> freeze), each carrying meta.json (class names, input shape, normalization, quantization
+backend, torch version) as an extra file. A parity check runs every file in a fresh interpreter
+that never imports qatflow and compares it with the eager model; the files replace the previous
+ones only if all of them pass.
+
+fp32.pt is frozen but not passed through `torch.jit.optimize_for_inference`: its MKLDNN-prepacked
+weights do not survive `torch.jit.save` (loading fails with "required keyword attribute 'value' is
+undefined"). Apply optimize_for_inference after loading, as evaluate does for latency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.atomic import write_json, write_with
+from tasks.cli import run_stage
+from tasks.errors import GateFailed
+from tasks.layout import Layout, project_layout
+from tasks.loop import predict_logits
+from tasks.model import load_checkpoint
+from tasks.params import ExportParams, load_params
+from tasks.quantize import load_int8
+
+PARITY_SCRIPT = Path(__file__).with_name("parity_check.py")
+
+
+def to_torchscript(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    with torch.no_grad():
+        return torch.jit.freeze(torch.jit.trace(model.eval(), example))
+
+
+def run_isolated(model_path: Path, inputs_path: Path, workdir: Path) -> np.ndarray:
+    output = workdir / f"{model_path.stem}.logits.npz"
+    # Its stderr is libtorch's deprecation chatter unless something fails; then it is the reason.
+    run = subprocess.run(
+        [sys.executable, "-I", str(PARITY_SCRIPT), str(model_path), str(inputs_path), str(output)],
+        cwd=workdir, capture_output=True, text=True,
+    )
+    if run.returncode != 0:
+        raise GateFailed(
+            f"{model_path.name} does not load or run outside qatflow (exit {run.returncode}):\n"
+            + run.stderr.strip()[-2000:]
+        )
+    with np.load(output, allow_pickle=False) as data:
+        return data["logits"]
+
+
+def parity(variant: str, reference: torch.Tensor, loaded: np.ndarray, params: ExportParams) -> dict:
+    loaded_t = torch.from_numpy(loaded)
+    result = {
+        "max_abs_diff": round(float((loaded_t - reference).abs().max()), 8),
+        "argmax_agreement": round(float((loaded_t.argmax(1) == reference.argmax(1)).float().mean()), 6),
+    }
+    if variant == "fp32":
+        tol = params.fp32_tolerance
+        result["allclose"] = bool(torch.allclose(loaded_t, reference, rtol=tol, atol=tol))
+        result["passed"] = result["allclose"]
+    else:
+        result["passed"] = result["argmax_agreement"] >= params.int8_min_agreement
+    return result
+
+
+def export(params: ExportParams, layout: Layout) -> dict:
+    qat_state, ptq_state = layout.qat_dir / "qat_state.pt", layout.qat_dir / "ptq_state.pt"
+    layout.require(layout.prepared / "meta.json", layout.train_model, qat_state, ptq_state)
+    prepared_meta = json.loads((layout.prepared / "meta.json").read_text())
+    with np.load(layout.prepared / "test.npz", allow_pickle=False) as test:
+        x = torch.from_numpy(test["x"][: params.parity_samples])
+        x_raw = test["x_raw"][: params.parity_samples]
+    fp32, config = load_checkpoint(layout.train_model)
+    int8, int8_info = load_int8(qat_state)
+    ptq, ptq_info = load_int8(ptq_state)
+    torch.backends.quantized.engine = int8_info["backend"]
+
+    variants = {  # name: (eager module, destination, quantization backend)
+        "fp32": (fp32, layout.fp32_ts, None),
+        "int8": (int8, layout.int8_ts, int8_info["backend"]),
+        "ptq": (ptq, layout.ptq_ts, ptq_info["backend"]),
+    }
+    report: dict = {}
+    layout.fp32_ts.parent.mkdir(parents=True, exist_ok=True)
+    # Stage everything beside the destinations; nothing replaces a previous model unless every
+    # file passes its parity check.
+    with tempfile.TemporaryDirectory(dir=layout.fp32_ts.parent, prefix=".export-") as tmp:
+        staging = Path(tmp)
+        inputs = staging / "inputs.npz"
+        np.savez(inputs, x_raw=x_raw)
+        for name, (module, destination, backend) in variants.items():
+            meta = {
+                "variant": name,
+                "class_names": prepared_meta["class_names"],
+                "input_shape": prepared_meta["input_shape"],
+                "normalization": prepared_meta["normalization"],
+                "backend": backend,
+                "torch_version": torch.__version__,
+                "model": config,
+            }
+            scripted = to_torchscript(module, x[:1])
+            staged = staging / destination.name
+            write_with(
+                staged,
+                lambda f, m=scripted, e=meta: torch.jit.save(m, f, _extra_files={"meta.json": json.dumps(e)}),
+            )
+            report[name] = parity(name, predict_logits(module, x), run_isolated(staged, inputs, staging), params)
+            report[name]["size_bytes"] = staged.stat().st_size
+
+        failed = {name: r for name, r in report.items() if not r["passed"]}
+        if failed:
+            details = "; ".join(
+                f"{name}: max |diff| {r['max_abs_diff']:g}, argmax agreement {r['argmax_agreement']:.4f}"
+                for name, r in failed.items()
+            )
+            raise GateFailed(f"parity check failed ({details}); previous models left in place")
+        for name, (_, destination, _) in variants.items():
+            os.replace(staging / destination.name, destination)
+    write_json(layout.metrics("export"), report)
+
+    sizes = ", ".join(f"{name} {r['size_bytes'] / 1024:.0f} KiB" for name, r in report.items())
+    print(f"export: parity passed for {', '.join(report)} ({sizes})")
+    return report
+
+
+def main(args) -> None:
+    """Export fp32 and int8 TorchScript models and parity-check them in a fresh process."""
+    export(load_params(args.params).export, project_layout())
+
+
+if __name__ == "__main__":
+    run_stage("export", main)

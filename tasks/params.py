@@ -1,0 +1,132 @@
+"""The one schema for params.yaml. Every stage loads its section through `load_params`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import ParamsError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Threads = Annotated[int, Field(ge=1, le=256)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class Section(BaseModel):
+    # strict: "3" for an int or 1 for a bool is a mistake in a config file, not something to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataParams(Section):
+    source: str = "builtin:mnist5k"
+    max_samples: PositiveInt | None = None
+
+
+class Split(Section):
+    train: Fraction = 0.8
+    val: Fraction = 0.1
+    test: Fraction = 0.1
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> Split:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class PrepareParams(Section):
+    seed: NonNegativeInt = 0
+    split: Split = Split()
+
+
+class ModelParams(Section):
+    widths: list[PositiveInt] = Field(default=[32, 64, 128], min_length=1, max_length=6)
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+
+
+class TrainParams(Section):
+    seed: NonNegativeInt = 0
+    threads: Threads = 2
+    epochs: PositiveInt = 20
+    batch_size: PositiveInt = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: Annotated[float, Field(gt=0, le=10)] = 3e-3
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
+    scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    augment_shift: Annotated[int, Field(ge=0, le=8)] = 2
+    patience: PositiveInt = 6
+    model: ModelParams = ModelParams()
+
+
+class QatParams(Section):
+    seed: NonNegativeInt = 0
+    threads: Threads = 2
+    backend: Literal["x86", "qnnpack"] = "x86"
+    epochs: PositiveInt = 4
+    batch_size: PositiveInt = 64
+    lr: Annotated[float, Field(gt=0, le=10)] = 1e-4
+    freeze_bn_epoch: NonNegativeInt = 2
+    freeze_observers_epoch: NonNegativeInt = 3
+    ptq_calibration_batches: PositiveInt = 16
+
+
+class ExportParams(Section):
+    parity_samples: PositiveInt = 500
+    fp32_tolerance: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    int8_min_agreement: Annotated[float, Field(gt=0, le=1)] = 0.999
+
+
+class EvaluateParams(Section):
+    threads: Threads = 2
+    latency_batch_sizes: list[PositiveInt] = Field(default=[1, 64], min_length=1)
+    latency_repeats: Annotated[int, Field(ge=3)] = 50
+    max_accuracy_drop: Annotated[float, Field(ge=0, le=100)] = 0.5
+    misclassified_shown: Annotated[int, Field(ge=1, le=100)] = 25
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    prepare: PrepareParams = PrepareParams()
+    train: TrainParams = TrainParams()
+    qat: QatParams = QatParams()
+    export: ExportParams = ExportParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def parse_params(raw: object, origin: str = "params") -> Params:
+    """Validate a params mapping; the error names every bad key by its dotted path."""
+    if raw is None:
+        raw = {}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif "input" in err and err["type"] != "missing":
+                message += f" (got {err['input']!r})"
+            problems.append(f"  {key}: {message}")
+        raise ParamsError(f"{origin} is invalid:\n" + "\n".join(problems)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, origin=str(path))

@@ -1,0 +1,102 @@
+"""Stage 3, qat: quantization-aware fine-tuning of the trained fp32 model, plus a post-training
+quantization (calibration only) baseline from the same weights for comparison.
+
+Recipe: FX fuses conv/bn/relu and inserts fake-quant; fine-tune at a low LR; freeze BatchNorm
+statistics, then observers, partway through; convert to real int8 kernels.
+
+Writes models/qat/{qat,ptq}_state.pt (prepared-model state_dicts that tasks.quantize.load_int8
+converts), metrics/qat.json and plots/qat/history.csv; TensorBoard logs go to runs/qat/<run>.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+from torch.ao.quantization import disable_observer
+from torch.utils.tensorboard import SummaryWriter
+
+from tasks.atomic import write_json, write_with
+from tasks.cli import run_stage
+from tasks.layout import Layout, project_layout
+from tasks.loop import fit, load_split, log_run_summary, predict_logits, seed_everything, write_history
+from tasks.model import load_checkpoint
+from tasks.params import QatParams, load_params
+from tasks.quantize import convert, prepare, save_prepared
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return round((predict_logits(model.eval(), x).argmax(1) == y).float().mean().item(), 6)
+
+
+@torch.no_grad()
+def calibrate(prepared: torch.nn.Module, x: torch.Tensor, batches: int, batch_size: int) -> None:
+    prepared.eval()
+    for i in range(0, min(len(x), batches * batch_size), batch_size):
+        prepared(x[i : i + batch_size])
+
+
+def qat(params: QatParams, layout: Layout) -> dict:
+    layout.require(layout.prepared / "meta.json", layout.train_model)
+    generator = seed_everything(params.seed, params.threads)
+    meta = json.loads((layout.prepared / "meta.json").read_text())
+    train_set, val_set = load_split(layout.prepared, "train"), load_split(layout.prepared, "val")
+    fp32, config = load_checkpoint(layout.train_model)
+    example = train_set.x[:1]
+
+    # Calibrate on a fixed, shuffled slice of the training set (the raw order is class-sorted).
+    calibration = train_set.x[torch.randperm(len(train_set.y), generator=generator)]
+    ptq = prepare(copy.deepcopy(fp32), "ptq", params.backend, example)
+    calibrate(ptq, calibration, params.ptq_calibration_batches, params.batch_size)
+
+    model = prepare(copy.deepcopy(fp32), "qat", params.backend, example)
+    optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=0.9)
+    steps = params.epochs * -(-len(train_set.y) // params.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+
+    def freeze_on_schedule(module: torch.nn.Module, epoch: int) -> None:
+        if epoch == params.freeze_bn_epoch:
+            module.apply(freeze_bn_stats)
+        if epoch == params.freeze_observers_epoch:
+            module.apply(disable_observer)
+
+    with SummaryWriter(layout.tensorboard("qat")) as writer:
+        result = fit(
+            model, train_set, val_set, stage="qat", epochs=params.epochs,
+            batch_size=params.batch_size, optimizer=optimizer, scheduler=scheduler,
+            generator=generator, writer=writer, on_epoch_start=freeze_on_schedule,
+        )
+        # The recipe keeps the final weights: earlier epochs ran with observers still moving.
+        metrics = {
+            "backend": params.backend,
+            "fp32_val_accuracy": accuracy(fp32, val_set.x, val_set.y),
+            "ptq_val_accuracy": accuracy(convert(ptq), val_set.x, val_set.y),
+            "fake_quant_val_accuracy": round(result.history[-1].val_accuracy, 6),
+            "int8_val_accuracy": accuracy(convert(model), val_set.x, val_set.y),
+        }
+        log_run_summary(
+            writer, result, meta["class_names"], params.model_dump(), metrics,
+            "qat: validation (fake-quant)",
+        )
+
+    write_with(layout.qat_dir / "qat_state.pt", lambda f: save_prepared(f, model, config, "qat", params.backend))
+    write_with(layout.qat_dir / "ptq_state.pt", lambda f: save_prepared(f, ptq, config, "ptq", params.backend))
+    write_history(layout.plots("qat") / "history.csv", result.history)
+    write_json(layout.metrics("qat"), metrics)
+    print(
+        f"qat: val accuracy fp32 {metrics['fp32_val_accuracy']:.4f}, ptq int8 "
+        f"{metrics['ptq_val_accuracy']:.4f}, qat int8 {metrics['int8_val_accuracy']:.4f}, "
+        f"{result.seconds:.1f}s"
+    )
+    return metrics
+
+
+def main(args) -> None:
+    """Quantization-aware fine-tuning (and a PTQ baseline) of the trained model."""
+    qat(load_params(args.params).qat, project_layout())
+
+
+if __name__ == "__main__":
+    run_stage("qat", main)

@@ -1,0 +1,211 @@
+"""The evaluate stage on a tiny hand-built project (a trained 3-class CNN, its TorchScript fp32 and
+FX int8 exports, training histories) that needs no other stage, then on the real pipeline's
+outputs (conftest's tiny_workspace)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+from tasks import figures
+from tasks.atomic import write_with
+from tasks.errors import GateFailed
+from tasks.evaluate import VARIANTS, evaluate
+from tasks.scores import calibration, class_scores, confusion_matrix
+from tasks.layout import Layout
+from tasks.model import build_model, model_config, save_checkpoint
+from tasks.params import EvaluateParams
+
+CLASSES = ["top-left", "top-right", "bottom"]  # where the bright patch is
+SHAPE = [1, 28, 28]
+PNGS = ["training_curves", "confusion_int8", "per_class_accuracy", "reliability", "misclassified"]
+FAST = EvaluateParams(threads=1, latency_batch_sizes=[1, 8], latency_repeats=3,
+                      max_accuracy_drop=100.0, misclassified_shown=6)
+
+
+def synthetic_data(n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy 28x28 images whose class is a bright patch in one of three places; a few labels are
+    flipped so that every model gets some wrong."""
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % 3
+    x = rng.integers(0, 60, size=(n, *SHAPE))
+    for c, (r, col) in enumerate([(4, 4), (4, 18), (18, 10)]):
+        x[y == c, :, r : r + 6, col : col + 6] += 180
+    y[[5, 17, 40]] = (y[[5, 17, 40]] + 1) % 3
+    return x.astype(np.uint8), y.astype(np.int64)
+
+
+def to_int8(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (x[:1],))
+    with torch.no_grad():
+        prepared(x)
+    return convert_fx(prepared)
+
+
+def save_torchscript(path, model: torch.nn.Module, x: torch.Tensor, meta: dict) -> None:
+    scripted = torch.jit.freeze(torch.jit.trace(model.eval(), x[:1]))
+    write_with(path, lambda f: torch.jit.save(scripted, f, _extra_files={"meta.json": json.dumps(meta)}))
+
+
+def write_history(path, epochs: int, start_loss: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr"]
+    for e in range(1, epochs + 1):
+        loss = start_loss / e
+        lines.append(f"{e},{loss:.6f},{1 - loss / 4:.6f},{loss * 1.1:.6f},{1 - loss / 3.5:.6f},0.001")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder with everything evaluate reads; returns (layout, an untrained model, x)."""
+    layout = Layout(tmp_path_factory.mktemp("project"))
+    x_raw, y = synthetic_data()
+    mean, std = x_raw.mean() / 255, x_raw.std() / 255
+    x = ((x_raw / 255 - mean) / std).astype(np.float32)
+    norm = {"scale": 255.0, "mean": [float(mean)], "std": [float(std)]}
+    layout.prepared.mkdir(parents=True)
+    np.savez(layout.prepared / "test.npz", x=x, y=y, x_raw=x_raw)
+    (layout.prepared / "meta.json").write_text(
+        json.dumps({"class_names": CLASSES, "input_shape": SHAPE, "normalization": norm})
+    )
+
+    torch.manual_seed(0)
+    config = model_config(SHAPE, len(CLASSES), [8, 16], 0.0)
+    untrained, model = build_model(config), build_model(config)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        optimizer.step()
+    model.eval()
+
+    write_with(layout.train_model, lambda f: save_checkpoint(f, model, config))
+    meta = {"class_names": CLASSES, "input_shape": SHAPE, "normalization": norm,
+            "backend": None, "torch_version": torch.__version__}
+    save_torchscript(layout.fp32_ts, model, xt, meta)
+    save_torchscript(layout.ptq_ts, to_int8(model, xt[:8]), xt, meta | {"backend": "x86"})
+    save_torchscript(layout.int8_ts, to_int8(model, xt), xt, meta | {"backend": "x86"})
+    write_history(layout.plots("train") / "history.csv", 5, 2.0)
+    write_history(layout.plots("qat") / "history.csv", 2, 0.3)
+    return layout, to_int8(untrained.eval(), xt), xt
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_writes_sane_and_reproducible_outputs(project):
+    layout, _, x = project
+    metrics = evaluate(FAST, layout)
+
+    saved = json.loads(layout.metrics("evaluate").read_text())
+    assert saved == metrics
+    for variant in VARIANTS:
+        assert set(saved[variant]) == {"accuracy", "macro_f1", "ece", "size_bytes"}
+        assert 0 <= saved[variant]["accuracy"] <= 1 and 0 <= saved[variant]["macro_f1"] <= 1
+        assert saved[variant]["size_bytes"] > 0
+    assert saved["fp32"]["accuracy"] > 0.8  # the fixture model did learn
+    assert saved["fp32"]["accuracy"] == saved["fp32_ts"]["accuracy"]
+    assert saved["size_ratio"] > 1
+    assert saved["accuracy_drop"] == pytest.approx(
+        100 * (saved["fp32"]["accuracy"] - saved["int8"]["accuracy"]), abs=1e-3)
+    assert saved["gate"] == {"passed": True, "max_accuracy_drop": 100.0}
+
+    latency = json.loads(layout.latency.read_text())
+    for variant in VARIANTS:
+        for batch in ("batch_1", "batch_8"):
+            timing = latency[variant][batch]
+            assert 0 < timing["median_ms"] <= timing["p90_ms"]
+    assert set(latency["int8_speedup_vs_fp32_ts"]) == {"batch_1", "batch_8"}
+    assert latency["threads"] == 1 and latency["torch_version"] == torch.__version__
+
+    out = layout.plots("evaluate")
+    confusion = read_csv(out / "confusion.csv")
+    assert len(confusion) == len(x)
+    assert {row["actual"] for row in confusion} <= set(CLASSES)
+    per_class = read_csv(out / "per_class.csv")
+    assert [row["class"] for row in per_class] == CLASSES
+    assert sum(int(row["support"]) for row in per_class) == len(x)
+    bins = read_csv(out / "calibration.csv")
+    for variant in ("fp32", "int8"):
+        assert sum(int(row["count"]) for row in bins if row["variant"] == variant) == len(x)
+
+    tradeoff = layout.plots("latency") / "tradeoff.png"
+    for png in [*(out / f"{name}.png" for name in PNGS), tradeoff]:
+        assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
+        assert png.stat().st_size > 5000, png
+
+    # Everything but the timings repeats byte for byte.
+    stable = [layout.metrics("evaluate"), *sorted(out.iterdir())]
+    first = [p.read_bytes() for p in stable]
+    evaluate(FAST, layout)
+    assert [p.name for p, data in zip(stable, first) if p.read_bytes() != data] == []
+
+
+def test_evaluate_on_the_real_pipeline_outputs(tiny_workspace):
+    """The same checks on what prepare -> train -> qat -> export actually produce."""
+    layout, params = tiny_workspace
+    metrics = evaluate(params.evaluate, layout)
+    assert metrics["int8"]["size_bytes"] < metrics["fp32_ts"]["size_bytes"]
+    assert metrics["fp32"]["accuracy"] == metrics["fp32_ts"]["accuracy"]
+    assert metrics["gate"]["passed"]
+    test_size = json.loads((layout.prepared / "meta.json").read_text())["samples"]["test"]
+    assert len(read_csv(layout.plots("evaluate") / "confusion.csv")) == test_size == metrics["test_samples"]
+    assert sorted(p.name for p in layout.plots("evaluate").glob("*.png")) == sorted(f"{n}.png" for n in PNGS)
+
+
+def test_gate_fails_when_int8_loses_accuracy(project, tmp_path):
+    layout, untrained_int8, x = project
+    failing = Layout(tmp_path / "failing")
+    shutil.copytree(layout.root, failing.root)
+    # An int8 model from other (untrained) weights: far less accurate than the trained fp32 one.
+    save_torchscript(failing.int8_ts, untrained_int8, x,
+                     {"class_names": CLASSES, "backend": "x86"})
+    params = FAST.model_copy(update={"max_accuracy_drop": 0.0})
+
+    with pytest.raises(GateFailed, match=r"pp below fp32.*max_accuracy_drop = 0 pp"):
+        evaluate(params, failing)
+
+    saved = json.loads(failing.metrics("evaluate").read_text())
+    assert saved["accuracy_drop"] > 0
+    assert saved["gate"] == {"passed": False, "max_accuracy_drop": 0.0}
+    assert (failing.plots("evaluate") / "misclassified.png").stat().st_size > 0
+
+
+def test_class_scores_and_calibration_match_hand_computation():
+    y_true = np.array([0, 0, 1, 1, 2])
+    y_pred = np.array([0, 1, 1, 1, 1])
+    matrix = confusion_matrix(y_true, y_pred, 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
+    scores = class_scores(matrix)
+    np.testing.assert_allclose(scores["precision"], [1, 0.5, 0])  # class 2 never predicted -> 0
+    np.testing.assert_allclose(scores["recall"], [0.5, 1, 0])
+    np.testing.assert_allclose(scores["f1"], [2 / 3, 2 / 3, 0])
+
+    proba = np.array([[0.95, 0.05], [0.55, 0.45], [0.4, 0.6], [0.1, 0.9]])
+    bins, ece = calibration(proba, np.array([0, 1, 1, 0]), n_bins=10)
+    assert bins["bin"].tolist() == [5, 6, 9]  # empty bins are left out
+    np.testing.assert_allclose(bins["confidence"], [0.55, 0.6, 0.925])
+    np.testing.assert_allclose(bins["accuracy"], [0, 1, 0.5])
+    assert bins["count"].tolist() == [1, 1, 2]
+    assert ece == pytest.approx((0.55 + 0.4 + abs(1 - 1.85)) / 4)
+
+
+def test_figures_handle_edge_cases():
+    empty = figures.misclassified_figure(np.zeros((0, 28, 28)), [], "none wrong")
+    assert isinstance(empty, Figure) and empty.texts
+    fig = figures.confusion_figure(np.array([[3, 1], [0, 4]]), ["a", "b"], "title")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["3", "1", "0", "4"]

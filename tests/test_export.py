@@ -1,0 +1,86 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.errors import GateFailed
+from tasks.export import PARITY_SCRIPT, export
+
+# A consumer that has never heard of qatflow: only torch, numpy and the file.
+CONSUMER = """
+import json, sys
+import numpy as np, torch
+extra = {"meta.json": ""}
+model = torch.jit.load(sys.argv[1], _extra_files=extra)
+meta = json.loads(extra["meta.json"])
+if meta["backend"]:
+    torch.backends.quantized.engine = meta["backend"]
+norm = meta["normalization"]
+x = torch.from_numpy(np.load(sys.argv[2])["x_raw"]).float()
+x = (x / norm["scale"] - torch.tensor(norm["mean"]).view(1, -1, 1, 1)) / torch.tensor(norm["std"]).view(1, -1, 1, 1)
+pred = model(x).argmax(1)
+assert not any(m == "tasks" or m.startswith("tasks.") for m in sys.modules)
+print(json.dumps({"meta": meta, "pred": pred.tolist()}))
+"""
+
+
+def run_consumer(model_path, inputs, tmp_path) -> dict:
+    script = tmp_path / "consumer.py"
+    script.write_text(CONSUMER)
+    out = subprocess.run(
+        [sys.executable, "-I", str(script), str(model_path), str(inputs)],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )
+    return json.loads(out.stdout)
+
+
+def test_exported_files_load_without_qatflow_and_carry_metadata(tiny_workspace, tmp_path):
+    layout, _ = tiny_workspace
+    with np.load(layout.prepared / "test.npz") as test:
+        np.savez(tmp_path / "inputs.npz", x_raw=test["x_raw"][:20])
+        labels = test["y"][:20]
+    prepared = json.loads((layout.prepared / "meta.json").read_text())
+    results = {}
+    for path in (layout.fp32_ts, layout.int8_ts, layout.ptq_ts):
+        results[path.name] = run_consumer(path, tmp_path / "inputs.npz", tmp_path)
+        meta = results[path.name]["meta"]
+        assert meta["class_names"] == prepared["class_names"]
+        assert meta["input_shape"] == [1, 28, 28]
+        assert meta["normalization"] == prepared["normalization"]
+        assert meta["torch_version"] == torch.__version__
+    assert results["fp32.pt"]["meta"]["backend"] is None
+    assert results["int8.pt"]["meta"]["backend"] == "x86"
+    assert np.mean(np.array(results["int8.pt"]["pred"]) == labels) > 0.5
+
+
+def test_int8_file_is_much_smaller_and_quantized(tiny_workspace):
+    layout, _ = tiny_workspace
+    assert layout.fp32_ts.stat().st_size / layout.int8_ts.stat().st_size > 3
+    graph = str(torch.jit.load(str(layout.int8_ts)).inlined_graph)
+    assert "quantized::conv2d_relu" in graph and "quantize_per_tensor" in graph
+
+
+def test_export_report_records_parity(tiny_workspace):
+    layout, params = tiny_workspace
+    report = json.loads(layout.metrics("export").read_text())
+    assert report["fp32"]["allclose"] and report["fp32"]["max_abs_diff"] <= params.export.fp32_tolerance
+    assert report["int8"]["argmax_agreement"] >= params.export.int8_min_agreement
+    assert report["int8"]["size_bytes"] == layout.int8_ts.stat().st_size
+
+
+def test_failed_parity_keeps_previous_models(tiny_workspace):
+    layout, params = tiny_workspace
+    before = {p: p.read_bytes() for p in (layout.fp32_ts, layout.int8_ts, layout.ptq_ts)}
+    impossible = params.export.model_copy(update={"fp32_tolerance": 1e-30})
+    with pytest.raises(GateFailed, match="parity check failed.*previous models left in place"):
+        export(impossible, layout)
+    assert before == {p: p.read_bytes() for p in before}
+    assert not list(layout.fp32_ts.parent.glob(".export-*"))
+
+
+def test_parity_script_stands_alone():
+    source = PARITY_SCRIPT.read_text()
+    assert "from tasks" not in source and "import tasks" not in source

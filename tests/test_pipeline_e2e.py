@@ -1,0 +1,130 @@
+"""The real `dvc repro` and `dvc exp run` on the project copied into a temporary git repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY_PARAMS, write_params
+
+pytestmark = pytest.mark.e2e
+
+# Outputs whose bytes depend on measured time; everything else must reproduce exactly.
+TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency/tradeoff.png"}
+STAGES = ["prepare", "train", "qat", "export", "evaluate"]
+
+
+def sh(*args: str, cwd: Path, env: dict) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def dvc(*args: str, cwd: Path, env: dict) -> str:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, env=env)
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def locked_outputs(project: Path) -> dict[str, str]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {
+        out["path"]: out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    write_params(root / "params.yaml", TINY_PARAMS)
+    env = {
+        **os.environ,
+        # dvc.yaml says `python`: make it this interpreter, whatever PATH the test runner has.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "QATFLOW_RUN_NAME": "e2e",
+        "GIT_AUTHOR_NAME": "qatflow tests", "GIT_AUTHOR_EMAIL": "tests@localhost",
+        "GIT_COMMITTER_NAME": "qatflow tests", "GIT_COMMITTER_EMAIL": "tests@localhost",
+    }
+    sh("git", "init", "-q", "-b", "main", cwd=root, env=env)
+    dvc("init", "-q", cwd=root, env=env)
+    dvc("config", "core.analytics", "false", cwd=root, env=env)
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-q", "-m", "tiny project", cwd=root, env=env)
+    first = dvc("repro", cwd=root, env=env)
+    return root, env, first
+
+
+def test_repro_runs_every_stage_and_writes_sane_outputs(project):
+    root, _, first = project
+    assert stages_run(first) == STAGES
+    for path in ("models/fp32.pt", "models/int8.pt", "models/ptq_int8.pt", "data/prepared/meta.json",
+                 "plots/train/history.csv", "plots/qat/history.csv", "plots/evaluate/confusion.csv",
+                 "plots/latency/tradeoff.png"):
+        assert (root / path).stat().st_size > 0, path
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    for variant in ("fp32", "int8", "ptq"):
+        assert 0.5 < metrics[variant]["accuracy"] <= 1.0, variant
+    assert metrics["gate"]["passed"] is True
+    assert (root / "models/fp32.pt").stat().st_size / (root / "models/int8.pt").stat().st_size >= 3
+    latency = json.loads((root / "metrics/latency.json").read_text())
+    assert latency  # timing figures exist; their values are for benchmarks, not tests
+    assert sorted(p.name for p in (root / "runs").iterdir()) == ["qat", "train"]
+
+
+def test_second_repro_runs_nothing_and_status_is_clean(project):
+    root, env, _ = project
+    again = dvc("repro", cwd=root, env=env)
+    assert stages_run(again) == []
+    assert json.loads(dvc("status", "--json", cwd=root, env=env)) == {}
+
+
+def test_forced_repro_reproduces_every_output_byte_for_byte(project):
+    root, env, _ = project
+    before = locked_outputs(root)
+    dvc("repro", "-f", cwd=root, env=env)
+    after = locked_outputs(root)
+    assert before.keys() == after.keys()
+    differ = {path for path in before if before[path] != after[path]}
+    assert differ <= TIMING_OUTPUTS
+
+
+def test_changed_params_rerun_exactly_the_downstream_stages(project):
+    root, env, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["misclassified_shown"] = 4
+    write_params(root / "params.yaml", params)
+    assert stages_run(dvc("repro", cwd=root, env=env)) == ["evaluate"]
+    params["train"]["epochs"] = 2
+    write_params(root / "params.yaml", params)
+    assert stages_run(dvc("repro", cwd=root, env=env)) == ["train", "qat", "export", "evaluate"]
+
+
+def test_dvc_experiment_run_and_show(project):
+    root, env, _ = project
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-q", "-m", "baseline", cwd=root, env=env)
+    dvc("exp", "run", "-S", "train.epochs=1", "--name", "one-epoch", cwd=root, env=env)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=root, env=env))
+    experiments = [
+        exp for baseline in shown for exp in (baseline.get("experiments") or [])
+    ]
+    names = [exp["name"] for exp in experiments]
+    assert "one-epoch" in names
+    revs = experiments[names.index("one-epoch")]["revs"][0]["data"]
+    assert revs["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+    assert "int8" in revs["metrics"]["metrics/evaluate.json"]["data"]

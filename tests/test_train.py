@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tasks.layout import Layout
+from tasks.loop import history_csv, load_split, random_shift
+from tasks.model import build_model, load_checkpoint, model_config
+from tasks.params import parse_params
+from tasks.train import train
+
+from conftest import TINY_PARAMS
+
+
+def test_random_shift_moves_whole_images_within_bounds():
+    x = torch.zeros(8, 1, 10, 10)
+    x[:, :, 5, 5] = 1.0  # one bright pixel; the border (background) is 0
+    shifted = random_shift(x, 2, torch.Generator().manual_seed(0))
+    rows, cols = torch.nonzero(shifted[:, 0] == 1, as_tuple=True)[1:]
+    assert shifted.sum() == 8 and shifted.shape == x.shape
+    assert rows.sub(5).abs().max() <= 2 and cols.sub(5).abs().max() <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 1
+    assert random_shift(x, 0, torch.Generator()) is x
+
+
+def test_model_is_wide_and_classifies_any_batch():
+    model = build_model(model_config([1, 28, 28], 10, [32, 64, 128], 0.2)).eval()
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert max(c.out_channels for c in convs) == 128
+
+
+def test_train_writes_checkpoint_history_and_metrics(tiny_workspace):
+    layout, params = tiny_workspace
+    model, config = load_checkpoint(layout.train_model)
+    assert config["widths"] == [32, 64] and config["num_classes"] == 10
+    metrics = json.loads(layout.metrics("train").read_text())
+    assert metrics["epochs_run"] == params.train.epochs
+    assert 0.5 < metrics["val_accuracy"] <= 1.0  # three epochs on 700 images already learn digits
+    history = (layout.plots("train") / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr"
+    assert len(history) == 1 + params.train.epochs
+    val = load_split(layout.prepared, "val")
+    with torch.no_grad():
+        accuracy = (model(val.x).argmax(1) == val.y).float().mean().item()
+    assert round(accuracy, 6) == metrics["val_accuracy"]
+
+
+def test_tensorboard_run_has_scalars_histograms_graph_figure_and_hparams(tiny_workspace):
+    layout, params = tiny_workspace
+    events = EventAccumulator(str(layout.root / "runs" / "train" / "tiny"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("loss/train_step", "loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr"):
+        assert tag in tags["scalars"], tag
+    steps_per_epoch = -(-700 // params.train.batch_size)
+    assert len(events.Scalars("loss/train_step")) == params.train.epochs * steps_per_epoch
+    assert [e.step for e in events.Scalars("accuracy/val")] == [1, 2, 3]
+    assert any(t.startswith("weights/") for t in tags["histograms"])
+    assert any(t.startswith("grads/") for t in tags["histograms"])
+    assert tags["graph"] is True
+    assert "val_confusion" in tags["images"]
+    assert "hparams" in events.PluginTagToContent("hparams") or events.PluginTagToContent("hparams")
+
+
+def test_training_is_bitwise_reproducible(tiny_workspace, tmp_path, monkeypatch):
+    layout, params = tiny_workspace
+    monkeypatch.setenv("QATFLOW_RUN_NAME", "again")
+    again = Layout(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepared").symlink_to(layout.prepared)
+    train(params.train, again)
+    assert again.train_model.read_bytes() == layout.train_model.read_bytes()
+    assert again.metrics("train").read_bytes() == layout.metrics("train").read_bytes()
+
+
+def test_early_stopping_stops_after_patience(tmp_path, tiny_workspace):
+    layout, _ = tiny_workspace
+    raw = {**TINY_PARAMS["train"], "epochs": 6, "patience": 1, "lr": 1e-9, "scheduler": "constant"}
+    params = parse_params({"train": raw}).train
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepared").symlink_to(layout.prepared)
+    metrics = train(params, Layout(tmp_path))
+    # With a learning rate of 1e-9 nothing improves after the first epoch.
+    assert metrics["epochs_run"] < 6 and metrics["best_epoch"] == metrics["epochs_run"] - 1
+
+
+def test_history_csv_is_plain_and_stable():
+    from tasks.loop import EpochRecord
+
+    text = history_csv([EpochRecord(1, 0.123456789, 0.5, 0.25, 0.75, 0.001)])
+    assert text == "epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr\n1,0.123457,0.5,0.25,0.75,0.001\n"
