@@ -106,6 +106,9 @@ def tradeoff_figure(points: Sequence[Mapping], batch_size: int) -> Figure:
         handle.set_sizes([80])
     ax.margins(0.25)
     ax.set_xlim(left=0)
+    # Room for the largest marker above the best accuracy, but no ticks past 100%.
+    low = min(p["accuracy"] for p in points) * 100
+    ax.set_ylim(max(0.0, low - max(2.0, (100 - low) * 2)), 100.5)
     ax.yaxis.set_major_formatter(PercentFormatter())
     ax.set_xlabel(f"Latency at batch {batch_size}, median (ms)")
     ax.set_ylabel("Test accuracy")

@@ -72,6 +72,7 @@ class QatParams(Section):
     epochs: PositiveInt = 4
     batch_size: PositiveInt = 64
     lr: Annotated[float, Field(gt=0, le=10)] = 1e-4
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     freeze_bn_epoch: NonNegativeInt = 2
     freeze_observers_epoch: NonNegativeInt = 3
     ptq_calibration_batches: PositiveInt = 16

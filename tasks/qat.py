@@ -66,7 +66,8 @@ def qat(params: QatParams, layout: Layout) -> dict:
         result = fit(
             model, train_set, val_set, stage="qat", epochs=params.epochs,
             batch_size=params.batch_size, optimizer=optimizer, scheduler=scheduler,
-            generator=generator, writer=writer, on_epoch_start=freeze_on_schedule,
+            generator=generator, writer=writer, label_smoothing=params.label_smoothing,
+            on_epoch_start=freeze_on_schedule,
         )
         # The recipe keeps the final weights: earlier epochs ran with observers still moving.
         metrics = {
