@@ -30,7 +30,6 @@ setup: $(VENV)/.installed .dvc/config
 
 run: setup
 	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
 
 test: setup
 	$(BIN)/python -m pytest
