@@ -13,6 +13,7 @@ undefined"). Apply optimize_for_inference after loading, as evaluate does for la
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -38,6 +39,30 @@ PARITY_SCRIPT = Path(__file__).with_name("parity_check.py")
 def to_torchscript(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     with torch.no_grad():
         return torch.jit.freeze(torch.jit.trace(model.eval(), example))
+
+
+def torchscript_bytes(module: torch.jit.ScriptModule, meta: dict) -> bytes:
+    """The saved TorchScript archive without its *.debug_pkl records.
+
+    Those records hold the Python stack of every traced op, with absolute paths of this checkout
+    and of site-packages, so the same model saved from two clones would differ byte for byte (and
+    so would its DVC hash). Loading and running do not need them; error messages from inside the
+    model lose their Python line numbers, which a deployed file has no use for.
+    """
+    saved = io.BytesIO()
+    torch.jit.save(module, saved, _extra_files={"meta.json": json.dumps(meta)})
+    reader = torch._C.PyTorchFileReader(io.BytesIO(saved.getvalue()))
+    portable = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(portable)
+    writer.set_min_version(int(reader.get_record("version")))
+    written_by_writer = {"version", "byteorder", ".data/serialization_id"}
+    for name in reader.get_all_records():
+        if name.endswith(".debug_pkl") or name in written_by_writer:
+            continue
+        payload = reader.get_record(name)
+        writer.write_record(name, payload, len(payload))
+    writer.write_end_of_file()
+    return portable.getvalue()
 
 
 def run_isolated(model_path: Path, inputs_path: Path, workdir: Path) -> np.ndarray:
@@ -106,12 +131,9 @@ def export(params: ExportParams, layout: Layout) -> dict:
                 "torch_version": torch.__version__,
                 "model": config,
             }
-            scripted = to_torchscript(module, x[:1])
             staged = staging / destination.name
-            write_with(
-                staged,
-                lambda f, m=scripted, e=meta: torch.jit.save(m, f, _extra_files={"meta.json": json.dumps(e)}),
-            )
+            payload = torchscript_bytes(to_torchscript(module, x[:1]), meta)
+            write_with(staged, lambda f, b=payload: f.write(b))
             report[name] = parity(name, predict_logits(module, x), run_isolated(staged, inputs, staging), params)
             report[name]["size_bytes"] = staged.stat().st_size
 

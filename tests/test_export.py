@@ -84,3 +84,14 @@ def test_failed_parity_keeps_previous_models(tiny_workspace):
 def test_parity_script_stands_alone():
     source = PARITY_SCRIPT.read_text()
     assert "from tasks" not in source and "import tasks" not in source
+
+
+def test_exported_files_hold_no_paths_of_this_machine(tiny_workspace):
+    # Traced ops remember their Python stack; export drops that debug info so the same model
+    # saved from any checkout has the same bytes (and the same DVC hash).
+    layout, _ = tiny_workspace
+    for path in (layout.fp32_ts, layout.int8_ts, layout.ptq_ts):
+        data = path.read_bytes()
+        records = torch._C.PyTorchFileReader(str(path)).get_all_records()
+        assert not [r for r in records if r.endswith(".debug_pkl")], path.name
+        assert str(layout.root).encode() not in data and b"site-packages" not in data
