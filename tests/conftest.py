@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,8 +14,12 @@ import yaml
 
 from tasks.deprecations import TORCH_DEPRECATIONS
 
-# No network here and no one asked for telemetry, also in subprocesses the tests start.
-os.environ.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", MPLBACKEND="Agg")
+# No network here and no one asked for telemetry, also in subprocesses the tests start. Prefect
+# state goes to a throwaway home, never the user's ~/.prefect (set before prefect is imported).
+os.environ.update(
+    DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", MPLBACKEND="Agg",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=tempfile.mkdtemp(prefix="qatflow-prefect-"),
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +43,48 @@ def pytest_configure(config: pytest.Config) -> None:
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def run(*args: str, cwd: Path, env: dict | None = None) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def dvc(*args: str, cwd: Path, env: dict | None = None) -> str:
+    return run(sys.executable, "-m", "dvc", *args, cwd=cwd, env=env)
+
+
+def init_tiny_project(root: Path) -> dict:
+    """This project's code, dvc.yaml and TINY_PARAMS in a fresh git + DVC repo at `root`, with one
+    commit. Returns the environment to run its stages with."""
+    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    write_params(root / "params.yaml", TINY_PARAMS)
+    env = {
+        **os.environ,
+        # dvc.yaml says `python`: make it this interpreter, whatever PATH the test runner has.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "qatflow tests", "GIT_AUTHOR_EMAIL": "tests@localhost",
+        "GIT_COMMITTER_NAME": "qatflow tests", "GIT_COMMITTER_EMAIL": "tests@localhost",
+    }
+    run("git", "init", "-q", "-b", "main", cwd=root, env=env)
+    dvc("init", "-q", cwd=root, env=env)
+    dvc("config", "core.analytics", "false", cwd=root, env=env)
+    run("git", "add", "-A", cwd=root, env=env)
+    run("git", "commit", "-q", "-m", "tiny project", cwd=root, env=env)
+    return env
+
+
+def locked_outputs(project: Path) -> dict[str, str]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+# Outputs whose bytes depend on measured time; everything else must reproduce exactly.
+TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency/tradeoff.png"}
+STAGES = ["prepare", "train", "qat", "export", "evaluate"]
 
 
 @pytest.fixture(scope="session")

@@ -3,68 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PARAMS, write_params
+from conftest import STAGES, TIMING_OUTPUTS, dvc, init_tiny_project, locked_outputs, run, write_params
 
 pytestmark = pytest.mark.e2e
-
-# Outputs whose bytes depend on measured time; everything else must reproduce exactly.
-TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency/tradeoff.png"}
-STAGES = ["prepare", "train", "qat", "export", "evaluate"]
-
-
-def sh(*args: str, cwd: Path, env: dict) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
-def dvc(*args: str, cwd: Path, env: dict) -> str:
-    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, env=env)
 
 
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-def locked_outputs(project: Path) -> dict[str, str]:
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {
-        out["path"]: out["md5"]
-        for stage in lock["stages"].values()
-        for out in stage.get("outs", [])
-    }
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
-    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    write_params(root / "params.yaml", TINY_PARAMS)
-    env = {
-        **os.environ,
-        # dvc.yaml says `python`: make it this interpreter, whatever PATH the test runner has.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "QATFLOW_RUN_NAME": "e2e",
-        "GIT_AUTHOR_NAME": "qatflow tests", "GIT_AUTHOR_EMAIL": "tests@localhost",
-        "GIT_COMMITTER_NAME": "qatflow tests", "GIT_COMMITTER_EMAIL": "tests@localhost",
-    }
-    sh("git", "init", "-q", "-b", "main", cwd=root, env=env)
-    dvc("init", "-q", cwd=root, env=env)
-    dvc("config", "core.analytics", "false", cwd=root, env=env)
-    sh("git", "add", "-A", cwd=root, env=env)
-    sh("git", "commit", "-q", "-m", "tiny project", cwd=root, env=env)
+    env = init_tiny_project(root) | {"QATFLOW_RUN_NAME": "e2e"}
     first = dvc("repro", cwd=root, env=env)
     return root, env, first
 
@@ -116,8 +72,8 @@ def test_changed_params_rerun_exactly_the_downstream_stages(project):
 
 def test_dvc_experiment_run_and_show(project):
     root, env, _ = project
-    sh("git", "add", "-A", cwd=root, env=env)
-    sh("git", "commit", "-q", "-m", "baseline", cwd=root, env=env)
+    run("git", "add", "-A", cwd=root, env=env)
+    run("git", "commit", "-q", "-m", "baseline", cwd=root, env=env)
     dvc("exp", "run", "-S", "train.epochs=1", "--name", "one-epoch", cwd=root, env=env)
     shown = json.loads(dvc("exp", "show", "--json", cwd=root, env=env))
     experiments = [

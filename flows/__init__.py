@@ -1,0 +1,1 @@
+"""Prefect wiring for qatflow: flows that run the DVC stages as tasks. No stage logic lives here."""

@@ -1,0 +1,91 @@
+"""The one place that talks to DVC's Python API (`dvc.repo.Repo` is usable but not a public
+promise, so every call to it stays in this small module)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+from dvc.lock import LockError
+from dvc.repo import Repo
+from ruamel.yaml import YAML
+
+from tasks.atomic import write_text
+
+# DVC logs through its own handler, as on the command line; propagating too would print every
+# line twice under Prefect, which also handles the root logger.
+logging.getLogger("dvc").propagate = False
+
+__all__ = ["LockError", "StageNode", "pipeline_stages", "reproduce_stage", "save_experiment",
+           "set_params"]
+
+
+@dataclass(frozen=True)
+class StageNode:
+    name: str
+    upstream: tuple[str, ...]  # stages whose outputs this one reads
+
+
+def pipeline_stages(root: Path) -> list[StageNode]:
+    """dvc.yaml's stages in an order that runs every stage after its upstream ones.
+
+    The graph is DVC's own (edges point from a stage to the stages producing its deps), so the flow
+    never keeps a second, hand-written copy of the pipeline.
+    """
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        declared = [stage.name for stage in repo.index.stages]
+        upstream = {stage: tuple(s.name for s in graph.successors(stage)) for stage in graph}
+        # Among stages free to run, keep dvc.yaml's order: stable, and what users read there.
+        order = nx.lexicographical_topological_sort(
+            graph.reverse(copy=True), key=lambda stage: f"{declared.index(stage.name):04d}"
+        )
+        return [StageNode(stage.name, upstream[stage]) for stage in order]
+
+
+def reproduce_stage(root: Path, name: str) -> bool:
+    """`dvc repro --single-item NAME`: runs the stage only if DVC finds it changed; updates dvc.lock.
+    Returns whether it ran."""
+    with Repo(str(root)) as repo:
+        return bool(repo.reproduce(name, single_item=True))
+
+
+def set_params(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Write dotted-key overrides into params.yaml the way `dvc exp run -S` does: a round trip that
+    keeps comments and key order, written atomically."""
+    yaml = YAML()
+    # ruamel writes None as an empty value; params.yaml spells it `null`.
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    data = yaml.load(params_file.read_text())
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    out = io.StringIO()
+    yaml.dump(data, out)
+    write_text(params_file, out.getvalue())
+
+
+def save_experiment(root: Path, name: str | None) -> str | None:
+    """Record the workspace (params, dvc.lock, metrics, cached outputs) as a DVC experiment, as
+    `dvc exp save --name NAME` does. Returns the experiment's name."""
+    with Repo(str(root)) as repo:
+        # Like `dvc exp run`, keep what the stages wrote for git (metrics, plots, DVC's .gitignore
+        # entries) even when it is not tracked yet; cached outputs travel through the DVC cache.
+        produced = set()
+        for out in repo.index.outs:
+            path = Path(out.fs_path).relative_to(root)
+            produced.add(str(path.parent / ".gitignore") if out.use_cache else str(path))
+        untracked = sorted(p for p in produced if (root / p).exists())
+        rev = repo.experiments.save(name=name, force=True, include_untracked=untracked)
+        if rev is None:
+            return None
+        return repo.experiments.get_exact_name([rev]).get(rev) or name

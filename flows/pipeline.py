@@ -1,0 +1,238 @@
+"""The pipeline as a Prefect flow: one task per dvc.yaml stage, in DVC's order, with DVC deciding
+what is stale. A run leaves the workspace exactly as `dvc repro` would (same outputs, same
+dvc.lock) and is saved as a DVC experiment named after the flow run.
+
+    python -m flows.pipeline [--set train.epochs=3 ...] [--no-experiment]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed
+
+from flows import dvcrepo
+from tasks.deprecations import silence_torch_deprecations
+from tasks.errors import ParamsError, QatflowError
+from tasks.params import load_params, parse_params
+
+# Training is the only stage that can run long; a hung one should not hold the workspace forever.
+STAGE_TIMEOUT_S = {"train": 3600}
+DEFAULT_TIMEOUT_S = 1800
+
+
+class WorkspaceBusy(QatflowError):
+    pass
+
+
+def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Validate params.yaml with the overrides applied, against the one schema, before anything
+    runs or is written."""
+    raw = yaml.safe_load(params_file.read_text()) or {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for depth, part in enumerate(parents):
+            # A section missing from the file is fine (schema defaults); the schema then names an
+            # unknown one. A key that holds a value cannot also hold a section.
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                prefix = ".".join(parents[: depth + 1])
+                raise ParamsError(f"override {key!r}: {prefix!r} is a value, not a section")
+        node[leaf] = value
+    parse_params(raw, origin=f"{params_file.name} with overrides {overrides}")
+
+
+@contextmanager
+def workspace_lock(root: Path, timeout_s: float) -> Iterator[None]:
+    """One pipeline run per workspace at a time. DVC's own lock covers a single `dvc` call, not
+    the gap between two stages, where a second run could otherwise interleave."""
+    path = root / ".dvc" / "tmp" / "qatflow-run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise WorkspaceBusy(
+                        f"{root} is busy: a pipeline run ({holder}) holds {path.relative_to(root)}; "
+                        f"waited {timeout_s:g}s (raise lock_timeout to wait longer)"
+                    ) from None
+                time.sleep(1)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"flow run {runtime.flow_run.name or '?'}, pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _retry_on_dvc_lock(task, task_run, state) -> bool:
+    # The only failure a retry can fix: someone else's `dvc` command holding the repo lock.
+    try:
+        state.result()
+    except dvcrepo.LockError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(retries=3, retry_delay_seconds=10, retry_condition_fn=_retry_on_dvc_lock)
+def run_stage(root: str, stage: str):
+    """Run one dvc.yaml stage if DVC finds it stale; otherwise complete as Skipped."""
+    start = time.perf_counter()
+    ran = dvcrepo.reproduce_stage(Path(root), stage)
+    result = {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - start, 2)}
+    if not ran:
+        return Completed(name="Skipped", message=f"{stage} is up to date", data=result)
+    return result
+
+
+def publish_artifacts(root: Path, stages: list[dict]) -> dict:
+    """A markdown summary and a metrics table on the flow run, from the files the stages wrote."""
+    evaluate = json.loads((root / "metrics" / "evaluate.json").read_text())
+    latency = json.loads((root / "metrics" / "latency.json").read_text())
+    variants = {"fp32": "fp32 (eager)", "fp32_ts": "fp32 TorchScript", "ptq": "int8 PTQ",
+                "int8": "int8 QAT"}
+    rows = []
+    for key, label in variants.items():
+        row = {"variant": label, "accuracy": evaluate[key]["accuracy"],
+               "macro_f1": evaluate[key]["macro_f1"], "size_bytes": evaluate[key]["size_bytes"]}
+        for batch, timing in latency[key].items():
+            row[f"{batch}_median_ms"] = timing["median_ms"]
+        rows.append(row)
+    create_table_artifact(rows, key="qatflow-metrics", description="Test-set metrics per variant")
+
+    gate = evaluate["gate"]
+    speedups = ", ".join(f"{b.replace('_', ' ')}: {s:g}x" for b, s in latency["int8_speedup_vs_fp32_ts"].items())
+    lines = [
+        "# qatflow run",
+        "",
+        f"**Gate**: {'passed' if gate['passed'] else 'FAILED'} (int8 drop {evaluate['accuracy_drop']:g} pp, "
+        f"limit {gate['max_accuracy_drop']:g} pp). **int8 vs fp32**: {evaluate['size_ratio']:g}x smaller; "
+        f"faster than optimized fp32 TorchScript at {speedups}.",
+        "",
+        "| variant | accuracy | size | " + " | ".join(f"{b} median" for b in latency["int8"]) + " |",
+        "|---|---|---|" + "---|" * len(latency["int8"]),
+    ]
+    for row, key in zip(rows, variants):
+        times = " | ".join(f"{t['median_ms']:.3f} ms" for t in latency[key].values())
+        lines.append(f"| {row['variant']} | {row['accuracy']:.2%} | {row['size_bytes'] / 1024:,.0f} KiB | {times} |")
+    ran = [s["stage"] for s in stages if s["ran"]]
+    lines += [
+        "",
+        f"**Stages run**: {', '.join(ran) or 'none (all up to date)'}",
+        "",
+        f"**Models**: `{root / 'models' / 'int8.pt'}`, `{root / 'models' / 'fp32.pt'}`",
+        f"**Plots**: `{root / 'plots' / 'evaluate'}`, `{root / 'plots' / 'latency' / 'tradeoff.png'}`",
+    ]
+    create_markdown_artifact("\n".join(lines), key="qatflow-summary", description="qatflow run summary")
+    return {"gate_passed": gate["passed"], "int8_accuracy": evaluate["int8"]["accuracy"],
+            "fp32_accuracy": evaluate["fp32"]["accuracy"], "size_ratio": evaluate["size_ratio"]}
+
+
+@flow(name="qatflow-pipeline", log_prints=True)
+def pipeline(
+    overrides: dict[str, Any] | None = None,
+    save_experiment: bool = True,
+    project_dir: str = ".",
+    lock_timeout: float = 3600.0,
+) -> dict:
+    """Run prepare -> train -> qat -> export -> evaluate as `dvc repro` would, then save the result
+    as a DVC experiment named after this flow run.
+
+    overrides: params.yaml keys to change first, e.g. {"train.epochs": 3}; validated before
+    anything runs. lock_timeout: seconds to wait for another run in the same workspace.
+    """
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    params_file = root / "params.yaml"
+    overrides = overrides or {}
+    check_overrides(params_file, overrides)
+
+    # DVC resolves stage names and paths against the working directory.
+    with contextlib.chdir(root), workspace_lock(root, lock_timeout):
+        if overrides:
+            dvcrepo.set_params(params_file, overrides)
+        load_params(params_file)  # the stages would refuse an invalid file; say so before they start
+        run_name = runtime.flow_run.name
+        # Stage commands say `python`: make that this interpreter. Name the TensorBoard runs after
+        # this flow run so each experiment keeps its own curves.
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        if run_name:
+            os.environ["QATFLOW_RUN_NAME"] = run_name
+
+        # Called in turn, not submitted: DVC runs one stage at a time per repo anyway (its lock),
+        # and a task in the flow's own thread can be interrupted by its timeout. wait_for records
+        # dvc.yaml's edges so the Prefect UI draws the same graph as `dvc dag`.
+        states: dict[str, Any] = {}
+        for node in dvcrepo.pipeline_stages(root):
+            stage_task = run_stage.with_options(
+                name=node.name, task_run_name=node.name,
+                timeout_seconds=STAGE_TIMEOUT_S.get(node.name, DEFAULT_TIMEOUT_S),
+            )
+            states[node.name] = stage_task(
+                str(root), node.name, wait_for=[states[u] for u in node.upstream], return_state=True
+            )
+            if not states[node.name].is_completed():
+                break  # downstream stages would only fail on its missing outputs
+        stages = [state.result() for state in states.values()]  # re-raises a stage's failure
+        logger.info("stages run: %s", [s["stage"] for s in stages if s["ran"]] or "none")
+
+        summary = publish_artifacts(root, stages)
+        summary["stages_run"] = [s["stage"] for s in stages if s["ran"]]
+        if save_experiment:
+            summary["experiment"] = dvcrepo.save_experiment(root, run_name)
+            logger.info("saved DVC experiment %s (dvc exp show)", summary["experiment"])
+    return summary
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)  # "3" -> 3, "0.1" -> 0.1, "[1, 64]" -> list
+    return overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml key for this run (repeatable)")
+    parser.add_argument("--no-experiment", action="store_true", help="do not save a DVC experiment")
+    parser.add_argument("--project-dir", default=".", help="the DVC project (default: %(default)s)")
+    args = parser.parse_args()
+    silence_torch_deprecations()
+    state = pipeline(overrides=parse_overrides(args.set), save_experiment=not args.no_experiment,
+                     project_dir=args.project_dir, return_state=True)
+    if not state.is_completed():
+        sys.exit(f"pipeline: {state.message}")
+
+
+if __name__ == "__main__":
+    main()

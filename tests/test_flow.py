@@ -1,0 +1,141 @@
+"""The Prefect flow with the real Prefect (test harness server) and real DVC, on a tiny project."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
+from prefect.testing.utilities import prefect_test_harness
+
+from conftest import STAGES, TIMING_OUTPUTS, dvc, init_tiny_project, locked_outputs
+from flows.dvcrepo import pipeline_stages
+from flows.pipeline import check_overrides, pipeline, workspace_lock
+from tasks.errors import ParamsError
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, harness):
+    root = tmp_path_factory.mktemp("flow-project")
+    env = init_tiny_project(root)
+    state = pipeline(project_dir=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    return root, env, state
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+    return {run.name: run.state.name for run in runs}
+
+
+def test_stage_order_comes_from_dvc_graph(project):
+    root, _, _ = project
+    nodes = pipeline_stages(root)
+    assert [n.name for n in nodes] == STAGES
+    assert dict((n.name, n.upstream) for n in nodes)["export"] == ("prepare", "train", "qat")
+
+
+def test_flow_runs_every_stage_and_leaves_dvc_clean(project):
+    root, env, state = project
+    summary = state.result()
+    assert summary["stages_run"] == STAGES and summary["gate_passed"] is True
+    assert task_states(state.state_details.flow_run_id) == dict.fromkeys(STAGES, "Completed")
+    assert json.loads(dvc("status", "--json", cwd=root, env=env)) == {}
+    assert "Running stage" not in dvc("repro", cwd=root, env=env)
+    assert (root / "runs" / "train").is_dir()
+
+
+def test_flow_publishes_summary_and_metrics_table(project):
+    _, _, state = project
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert by_key["qatflow-summary"].type == "markdown"
+    assert "int8 QAT" in by_key["qatflow-summary"].data and "Gate" in by_key["qatflow-summary"].data
+    table = by_key["qatflow-metrics"]
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["variant"] for row in rows] == ["fp32 (eager)", "fp32 TorchScript", "int8 PTQ", "int8 QAT"]
+
+
+def test_flow_run_is_saved_as_dvc_experiment(project):
+    root, env, state = project
+    name = state.result()["experiment"]
+    shown = json.loads(dvc("exp", "show", "--json", cwd=root, env=env))
+    experiments = {
+        exp["name"]: exp["revs"][0]["data"] for base in shown for exp in base.get("experiments") or []
+    }
+    assert name in experiments
+    metrics = experiments[name]["metrics"]["metrics/evaluate.json"]["data"]
+    assert metrics["int8"]["accuracy"] == json.loads((root / "metrics/evaluate.json").read_text())["int8"]["accuracy"]
+
+
+def test_flow_output_is_byte_identical_to_dvc_repro(project):
+    root, env, _ = project
+    by_flow = locked_outputs(root)
+    dvc("repro", "-f", cwd=root, env=env)
+    by_repro = locked_outputs(root)
+    assert {p for p in by_flow if by_flow[p] != by_repro[p]} <= TIMING_OUTPUTS
+
+
+def test_second_run_skips_every_stage(project):
+    root, _, _ = project
+    state = pipeline(project_dir=str(root), save_experiment=False, return_state=True)
+    assert state.result()["stages_run"] == []
+    assert task_states(state.state_details.flow_run_id) == dict.fromkeys(STAGES, "Skipped")
+
+
+def test_override_reruns_exactly_the_downstream_stages(project):
+    root, env, _ = project
+    state = pipeline(overrides={"train.epochs": 1}, save_experiment=False, project_dir=str(root),
+                     return_state=True)
+    assert state.result()["stages_run"] == ["train", "qat", "export", "evaluate"]
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"] == 1
+    assert json.loads(dvc("status", "--json", cwd=root, env=env)) == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.lr": -1}, "train.lr: Input should be greater than 0"),
+        ({"train.epoch": 3}, "train.epoch: unknown key"),
+        ({"training.epochs": 3}, "training: unknown key"),
+        ({"train.epochs.max": 3}, "'train.epochs' is a value, not a section"),
+    ],
+)
+def test_bad_override_fails_before_anything_runs(project, overrides, message):
+    root, _, _ = project
+    before = {p: (root / p).read_bytes() for p in ("params.yaml", "dvc.lock", "models/int8.pt")}
+    state = pipeline(overrides=overrides, project_dir=str(root), return_state=True)
+    assert state.is_failed() and message in state.message
+    assert before == {p: (root / p).read_bytes() for p in before}
+
+
+def test_check_overrides_validates_against_the_schema(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 2\n")
+    check_overrides(tmp_path / "params.yaml", {"train.epochs": 5, "qat.backend": "qnnpack"})
+    with pytest.raises(ParamsError, match="qat.backend"):
+        check_overrides(tmp_path / "params.yaml", {"qat.backend": "tpu"})
+
+
+def test_a_second_run_on_a_busy_workspace_fails_at_once_saying_why(project):
+    root, _, _ = project
+    before = (root / "dvc.lock").read_bytes()
+    with workspace_lock(root, timeout_s=0):
+        state = pipeline(project_dir=str(root), lock_timeout=0, return_state=True)
+    assert state.is_failed() and "is busy: a pipeline run" in state.message
+    assert (root / "dvc.lock").read_bytes() == before
