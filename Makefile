@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup run test tensorboard plots clean
+.PHONY: setup run test flow server serve deploy worker bench-orchestration tensorboard plots clean
 .DEFAULT_GOAL := run
 
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +34,31 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The same pipeline as a Prefect flow, saved as a DVC experiment (FLOW_ARGS="--set train.epochs=3").
+flow: setup
+	$(BIN)/python -m flows.pipeline $(FLOW_ARGS)
+
+# Schedules need a real server: `make server` in one terminal, then `make serve`, or `make deploy`
+# and `make worker`, in another. They talk to the local server unless PREFECT_API_URL says otherwise.
+serve deploy worker: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+
+server: setup
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+serve: setup
+	$(BIN)/python -m flows.serve $(SERVE_ARGS)
+
+deploy: setup
+	$(BIN)/prefect work-pool inspect qatflow >/dev/null 2>&1 || $(BIN)/prefect work-pool create qatflow --type process
+	$(BIN)/prefect --no-prompt deploy --all
+
+worker: setup
+	$(BIN)/prefect worker start --pool qatflow
+
+# Prefect flow vs dvc repro on the same work (minutes; BENCH_ARGS=--tiny for seconds).
+bench-orchestration: setup
+	$(BIN)/python -m bench.orchestration $(BENCH_ARGS)
+
 tensorboard: setup
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1
 
@@ -41,4 +66,4 @@ plots: setup
 	$(BIN)/dvc plots show --open || $(BIN)/dvc plots show
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .prefect

@@ -22,9 +22,11 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows import dvcrepo
+from flows.options import parse_key_values
 from tasks.deprecations import silence_torch_deprecations
 from tasks.errors import ParamsError, QatflowError
 from tasks.params import load_params, parse_params
@@ -99,7 +101,9 @@ def _retry_on_dvc_lock(task, task_run, state) -> bool:
     return False
 
 
-@task(retries=3, retry_delay_seconds=10, retry_condition_fn=_retry_on_dvc_lock)
+# NO_CACHE: Prefect's input-based caching would return a stale result when a file behind a path
+# changes; DVC's hashes decide what is stale.
+@task(retries=3, retry_delay_seconds=10, retry_condition_fn=_retry_on_dvc_lock, cache_policy=NO_CACHE)
 def run_stage(root: str, stage: str):
     """Run one dvc.yaml stage if DVC finds it stale; otherwise complete as Skipped."""
     start = time.perf_counter()
@@ -209,16 +213,6 @@ def pipeline(
     return summary
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)  # "3" -> 3, "0.1" -> 0.1, "[1, 64]" -> list
-    return overrides
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,7 +222,7 @@ def main() -> None:
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: %(default)s)")
     args = parser.parse_args()
     silence_torch_deprecations()
-    state = pipeline(overrides=parse_overrides(args.set), save_experiment=not args.no_experiment,
+    state = pipeline(overrides=parse_key_values(args.set, "--set"), save_experiment=not args.no_experiment,
                      project_dir=args.project_dir, return_state=True)
     if not state.is_completed():
         sys.exit(f"pipeline: {state.message}")

@@ -23,6 +23,8 @@ from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron, Interval, Schedule
 from prefect.settings import get_current_settings
 
+from flows.options import parse_key_values
+
 CONFIG = Path(__file__).resolve().parents[1] / "prefect.yaml"
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 NEEDS_SERVER = (
@@ -49,16 +51,6 @@ def server_problem(timeout_s: float = 5.0) -> str | None:
     with get_client(httpx_settings={"timeout": timeout_s}, sync_client=True) as client:
         error = client.api_healthcheck()
     return f"no Prefect server answers at {url} ({error})" if error else None
-
-
-def parse_params(pairs: list[str]) -> dict[str, Any]:
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"flows.serve: --param expects KEY=VALUE, got {pair!r}")
-        params[key] = yaml.safe_load(value)  # "false" -> False, "{train.epochs: 3}" -> dict
-    return params
 
 
 def schedule_from(args: argparse.Namespace, config: dict[str, Any]) -> Schedule:
@@ -93,7 +85,7 @@ def main_parser(config: dict[str, Any]) -> argparse.ArgumentParser:
 def main() -> None:
     config = deployment_config()
     args = main_parser(config).parse_args()
-    parameters = {**(config.get("parameters") or {}), **parse_params(args.param)}
+    parameters = {**(config.get("parameters") or {}), **parse_key_values(args.param, "flows.serve: --param")}
     if problem := server_problem():
         sys.exit(f"{problem}.\n{NEEDS_SERVER}")
 

@@ -74,7 +74,9 @@ class QatParams(Section):
     lr: Annotated[float, Field(gt=0, le=10)] = 1e-4
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     freeze_bn_epoch: NonNegativeInt = 2
-    freeze_observers_epoch: NonNegativeInt = 3
+    # Observers must see at least one epoch of data before they freeze, or int8 conversion has
+    # no ranges to work with.
+    freeze_observers_epoch: PositiveInt = 3
     ptq_calibration_batches: PositiveInt = 16
 
 

@@ -108,6 +108,13 @@ def test_override_reruns_exactly_the_downstream_stages(project):
     assert json.loads(dvc("status", "--json", cwd=root, env=env)) == {}
 
 
+def test_dvc_exp_apply_restores_the_first_runs_params_and_models(project):
+    root, env, state = project
+    dvc("exp", "apply", state.result()["experiment"], cwd=root, env=env)
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"] == 3
+    assert json.loads(dvc("status", "--json", cwd=root, env=env)) == {}
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -22,6 +22,7 @@ def test_repo_params_file_is_valid_and_matches_schema_defaults():
         ({"qat": {"backend": "fbgemm2"}}, "qat.backend", "'x86' or 'qnnpack'"),
         ({"train": {"model": {"widths": []}}}, "train.model.widths", "at least 1"),
         ({"evaluate": {"threads": 0}}, "evaluate.threads", "greater than or equal to 1"),
+        ({"qat": {"freeze_observers_epoch": 0}}, "qat.freeze_observers_epoch", "greater than 0"),
     ],
 )
 def test_bad_params_name_the_key_and_the_problem(raw, key, why):

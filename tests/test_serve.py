@@ -1,0 +1,161 @@
+"""flows.serve against a real `prefect server start`: a scheduled run of the pipeline completes in a
+tiny project in a temporary git repo; without a server, serve refuses to start."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO, init_tiny_project
+
+RUN_DONE = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def prefect_env(home: Path, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """`base` (default: this process's environment) minus any PREFECT_* the developer has set (an
+    API URL would point the test at their server), with a fresh home and telemetry off."""
+    env = {key: val for key, val in (base or os.environ).items() if not key.startswith("PREFECT_")}
+    env.update(
+        DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(home),
+        # The subprocesses run in temporary folders (whatever they write by a relative path lands
+        # there, and the repo's prefect.toml is not read): find flows/ on the path instead.
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **extra,
+    )
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    # A session of its own, so that stop() also reaches the flow runs serve starts.
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM to the process group this test started, SIGKILL if it is still there after
+    timeout_s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:]
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real Prefect server on a free port, with its own home and SQLite file: its API URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = prefect_env(
+        tmp_path / "server-home",
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+    )
+    log = tmp_path / "server.log"
+    server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                    "--port", str(port)], cwd=tmp_path, env=env, log=log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"prefect server exited:\n{tail(log)}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"no /api/health after 120 s:\n{tail(log)}"
+            time.sleep(1)
+        yield url
+    finally:
+        stop(server)
+
+
+def run_serve(cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.serve"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_serve_refuses_without_prefect_api_url(tmp_path):
+    done = run_serve(cwd=tmp_path, env=prefect_env(tmp_path / "home"))
+    assert done.returncode != 0
+    assert "PREFECT_API_URL is not set" in done.stderr
+    assert "flows.serve needs a running Prefect server: start one with `make server`" in done.stderr
+
+
+def test_serve_refuses_when_no_server_answers(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/api"  # bound, then closed: nothing listens there
+    done = run_serve(cwd=tmp_path, env=prefect_env(tmp_path / "home", PREFECT_API_URL=url))
+    assert done.returncode != 0
+    assert f"no Prefect server answers at {url}" in done.stderr
+    assert "flows.serve needs a running Prefect server" in done.stderr
+
+
+def test_schedule_comes_from_prefect_yaml_unless_overridden():
+    from flows.serve import deployment_config, main_parser, schedule_from
+
+    config = deployment_config()
+    (configured,) = config["schedules"]
+    parse = main_parser(config).parse_args
+    nightly = schedule_from(parse([]), config)
+    assert (nightly.cron, nightly.timezone) == (configured["cron"], configured["timezone"])
+    other = schedule_from(parse(["--cron", "30 4 * * 1"]), config)
+    assert (other.cron, other.timezone) == ("30 4 * * 1", configured["timezone"])
+    assert schedule_from(parse(["--interval", "5"]), config).interval.total_seconds() == 5
+    assert parse([]).name == config["name"]
+
+
+def finished_runs(api: httpx.Client, deployment: str) -> list[dict]:
+    query = {"deployments": {"name": {"any_": [deployment]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    runs = api.post("/flow_runs/filter", json=query).raise_for_status().json()
+    return [run for run in runs if run["state_type"] in RUN_DONE]
+
+
+@pytest.mark.e2e
+def test_served_pipeline_runs_on_schedule(prefect_server, tmp_path):
+    url, name, project = prefect_server, "serve-test", tmp_path / "project"
+    env = prefect_env(tmp_path / "serve-home", init_tiny_project(project), PREFECT_API_URL=url)
+    log = tmp_path / "serve.log"
+    serve = start([sys.executable, "-m", "flows.serve", "--interval", "5", "--name", name,
+                   "--param", f"project_dir={project}"], cwd=project, env=env, log=log)
+    with httpx.Client(base_url=url, timeout=10) as api:
+        try:
+            deadline = time.monotonic() + 240
+            while not (done := finished_runs(api, name)):
+                assert serve.poll() is None, f"flows.serve exited:\n{tail(log)}"
+                assert time.monotonic() < deadline, f"no finished run after 240 s:\n{tail(log)}"
+                time.sleep(2)
+        finally:
+            stop(serve)
+        deployment = api.get(f"/deployments/name/qatflow-pipeline/{name}").raise_for_status().json()
+
+    run = done[0]
+    assert run["state_type"] == "COMPLETED", f"{run['state_name']}:\n{tail(log)}"
+    assert run["auto_scheduled"], "the run should come from the schedule, not a manual trigger"
+    assert run["parameters"] == {"project_dir": str(project)}
+    # pause_on_shutdown=False: stopping serve leaves the schedule on.
+    assert not deployment["paused"] and all(s["active"] for s in deployment["schedules"])
+    assert (project / "models" / "int8.pt").stat().st_size > 0
+    experiments = subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=project,
+                                 capture_output=True, text=True, check=True).stdout
+    assert run["name"] in experiments, f"no DVC experiment named {run['name']}:\n{experiments}"
