@@ -1,4 +1,4 @@
-"""The thin `python -m tasks.<stage>` wrapper shared by every stage."""
+"""The thin command-line wrapper shared by every stage (`python -m tasks.<stage>`) and predict."""
 
 from __future__ import annotations
 
@@ -11,15 +11,19 @@ from typing import Any
 from tasks.deprecations import silence_torch_deprecations
 from tasks.errors import QatflowError
 
+Configure = Callable[[argparse.ArgumentParser], None]
 
-def run_stage(name: str, stage: Callable[[argparse.Namespace], Any], configure=None) -> None:
-    """Parse the common flags, run `stage`, and turn a QatflowError into one clear line + exit 1.
+
+def run_command(
+    name: str, main: Callable[[argparse.Namespace], Any], configure: Configure | None = None,
+    prog: str | None = None,
+) -> None:
+    """Parse the flags, run `main`, and turn a QatflowError into one clear line + exit 1.
 
     A traceback is noise for a bad params file or dataset; `--debug` (or QATFLOW_DEBUG=1) shows it.
     Anything that is not a QatflowError is a bug and keeps its traceback.
     """
-    parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=stage.__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog=prog or f"python -m tasks.{name}", description=main.__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     if configure:
         configure(parser)
@@ -27,9 +31,15 @@ def run_stage(name: str, stage: Callable[[argparse.Namespace], Any], configure=N
     debug = args.debug or os.environ.get("QATFLOW_DEBUG") == "1"
     silence_torch_deprecations()
     try:
-        stage(args)
+        main(args)
     except QatflowError as exc:
         if debug:
             raise
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def run_stage(name: str, stage: Callable[[argparse.Namespace], Any]) -> None:
+    """A pipeline stage's entry point: the common flags plus --params."""
+    run_command(name, stage, lambda parser: parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"))

@@ -1,7 +1,7 @@
 """Stage 4, export: TorchScript files that a deployment loads with `torch.jit.load` alone.
 
 models/fp32.pt (trace -> freeze), models/int8.pt (QAT) and models/ptq_int8.pt (PTQ baseline)
-(trace -> freeze), each carrying meta.json (class names, input shape, normalization, quantization
+(trace -> freeze), and models/fp32.pt2 (torch.export, TorchScript's successor), each carrying meta.json (class names, input shape, normalization, quantization
 backend, torch version) as an extra file. A parity check runs every file in a fresh interpreter
 that never imports qatflow and compares it with the eager model; the files replace the previous
 ones only if all of them pass.
@@ -34,6 +34,7 @@ from tasks.params import ExportParams, load_params
 from tasks.quantize import load_int8
 
 PARITY_SCRIPT = Path(__file__).with_name("parity_check.py")
+MAX_BATCH = 4096  # the ExportedProgram's batch dimension is dynamic up to this
 
 
 def to_torchscript(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -65,6 +66,21 @@ def torchscript_bytes(module: torch.jit.ScriptModule, meta: dict) -> bytes:
     return portable.getvalue()
 
 
+def exported_program_bytes(model: torch.nn.Module, example: torch.Tensor, meta: dict) -> bytes:
+    """fp32 as a torch.export ExportedProgram (the successor of TorchScript), batch size dynamic.
+
+    Node stack traces are dropped for the reason torchscript_bytes drops debug records: they hold
+    this checkout's absolute paths, so the file would differ from clone to clone.
+    """
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    saved = io.BytesIO()
+    torch.export.save(program, saved, extra_files={"meta.json": json.dumps(meta)})
+    return saved.getvalue()
+
+
 def run_isolated(model_path: Path, inputs_path: Path, workdir: Path) -> np.ndarray:
     output = workdir / f"{model_path.stem}.logits.npz"
     # Its stderr is libtorch's deprecation chatter unless something fails; then it is the reason.
@@ -87,7 +103,7 @@ def parity(variant: str, reference: torch.Tensor, loaded: np.ndarray, params: Ex
         "max_abs_diff": round(float((loaded_t - reference).abs().max()), 8),
         "argmax_agreement": round(float((loaded_t.argmax(1) == reference.argmax(1)).float().mean()), 6),
     }
-    if variant == "fp32":
+    if variant.startswith("fp32"):
         tol = params.fp32_tolerance
         result["allclose"] = bool(torch.allclose(loaded_t, reference, rtol=tol, atol=tol))
         result["passed"] = result["allclose"]
@@ -110,6 +126,7 @@ def export(params: ExportParams, layout: Layout) -> dict:
 
     variants = {  # name: (eager module, destination, quantization backend)
         "fp32": (fp32, layout.fp32_ts, None),
+        "fp32_pt2": (fp32, layout.fp32_pt2, None),
         "int8": (int8, layout.int8_ts, int8_info["backend"]),
         "ptq": (ptq, layout.ptq_ts, ptq_info["backend"]),
     }
@@ -132,7 +149,12 @@ def export(params: ExportParams, layout: Layout) -> dict:
                 "model": config,
             }
             staged = staging / destination.name
-            payload = torchscript_bytes(to_torchscript(module, x[:1]), meta)
+            if destination.suffix == ".pt2":
+                # Two samples (a size-1 example would pin the batch dim to 1), cloned: the program
+                # stores its example, and a view would drag the whole test split along.
+                payload = exported_program_bytes(module, x[:2].clone(), meta)
+            else:
+                payload = torchscript_bytes(to_torchscript(module, x[:1]), meta)
             write_with(staged, lambda f, b=payload: f.write(b))
             report[name] = parity(name, predict_logits(module, x), run_isolated(staged, inputs, staging), params)
             report[name]["size_bytes"] = staged.stat().st_size

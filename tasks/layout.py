@@ -40,6 +40,10 @@ class Layout:
         return self.root / "models" / "int8.pt"
 
     @property
+    def fp32_pt2(self) -> Path:
+        return self.root / "models" / "fp32.pt2"
+
+    @property
     def ptq_ts(self) -> Path:
         return self.root / "models" / "ptq_int8.pt"
 

@@ -81,7 +81,7 @@ class QatParams(Section):
 
 
 class ExportParams(Section):
-    parity_samples: PositiveInt = 500
+    parity_samples: Annotated[int, Field(ge=2)] = 500  # 2+: the .pt2 export needs a batch > 1
     fp32_tolerance: Annotated[float, Field(gt=0, le=1)] = 1e-4
     int8_min_agreement: Annotated[float, Field(gt=0, le=1)] = 0.999
 

@@ -1,4 +1,4 @@
-"""Run a TorchScript model the way a deployment would: in a fresh interpreter that knows nothing
+"""Run a TorchScript model (or a torch.export .pt2) the way a deployment would: in a fresh interpreter that knows nothing
 of qatflow, with only torch and numpy, normalizing raw inputs from the model's own metadata.
 
     python -I tasks/parity_check.py MODEL INPUTS.npz OUTPUT.npz
@@ -17,7 +17,10 @@ import torch
 
 def main(model_path: str, inputs_path: str, output_path: str) -> None:
     extra = {"meta.json": ""}
-    model = torch.jit.load(model_path, map_location="cpu", _extra_files=extra)
+    if model_path.endswith(".pt2"):
+        model = torch.export.load(model_path, extra_files=extra).module()
+    else:
+        model = torch.jit.load(model_path, map_location="cpu", _extra_files=extra)
     meta = json.loads(extra["meta.json"])
     if meta.get("backend"):
         torch.backends.quantized.engine = meta["backend"]

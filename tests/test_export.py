@@ -81,6 +81,20 @@ def test_failed_parity_keeps_previous_models(tiny_workspace):
     assert not list(layout.fp32_ts.parent.glob(".export-*"))
 
 
+def test_fp32_exported_program_matches_torchscript_with_any_batch(tiny_workspace):
+    layout, _ = tiny_workspace
+    extra = {"meta.json": ""}
+    program = torch.export.load(str(layout.fp32_pt2), extra_files=extra)
+    assert json.loads(extra["meta.json"])["variant"] == "fp32_pt2"
+    scripted = torch.jit.load(str(layout.fp32_ts))
+    with np.load(layout.prepared / "test.npz") as test:
+        x = torch.from_numpy(test["x"])
+    for batch in (1, 7, len(x)):
+        torch.testing.assert_close(program.module()(x[:batch]), scripted(x[:batch]), rtol=1e-4, atol=1e-4)
+    report = json.loads(layout.metrics("export").read_text())
+    assert report["fp32_pt2"]["allclose"] is True
+
+
 def test_parity_script_stands_alone():
     source = PARITY_SCRIPT.read_text()
     assert "from tasks" not in source and "import tasks" not in source
@@ -90,8 +104,9 @@ def test_exported_files_hold_no_paths_of_this_machine(tiny_workspace):
     # Traced ops remember their Python stack; export drops that debug info so the same model
     # saved from any checkout has the same bytes (and the same DVC hash).
     layout, _ = tiny_workspace
-    for path in (layout.fp32_ts, layout.int8_ts, layout.ptq_ts):
+    for path in (layout.fp32_ts, layout.int8_ts, layout.ptq_ts, layout.fp32_pt2):
         data = path.read_bytes()
-        records = torch._C.PyTorchFileReader(str(path)).get_all_records()
-        assert not [r for r in records if r.endswith(".debug_pkl")], path.name
-        assert str(layout.root).encode() not in data and b"site-packages" not in data
+        assert str(layout.root).encode() not in data and b"site-packages" not in data, path.name
+        if path.suffix == ".pt":
+            records = torch._C.PyTorchFileReader(str(path)).get_all_records()
+            assert not [r for r in records if r.endswith(".debug_pkl")], path.name

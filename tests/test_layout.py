@@ -24,7 +24,7 @@ def test_stage_outputs_match_the_layout():
     assert str(layout.prepared) in declared["prepare"]
     assert {str(layout.train_model), str(layout.metrics("train"))} <= declared["train"]
     assert {str(layout.qat_dir), str(layout.metrics("qat"))} <= declared["qat"]
-    assert {str(layout.fp32_ts), str(layout.int8_ts), str(layout.ptq_ts)} <= declared["export"]
+    assert {str(layout.fp32_ts), str(layout.fp32_pt2), str(layout.int8_ts), str(layout.ptq_ts)} <= declared["export"]
     assert {str(layout.metrics("evaluate")), str(layout.latency)} <= declared["evaluate"]
 
 

@@ -1,0 +1,96 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tasks.errors import DataError
+from tasks.predict import predict
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_workspace, tmp_path_factory):
+    """The tiny test split as the files a user would bring: npz, CSV of pixels, PNG folder."""
+    layout, _ = tiny_workspace
+    root = tmp_path_factory.mktemp("inputs")
+    with np.load(layout.prepared / "test.npz") as test:
+        x_raw, x, y = test["x_raw"][:24], test["x"][:24], test["y"][:24]
+    np.savez(root / "inputs.npz", x=x_raw)
+    with open(root / "inputs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", *(f"px{i}" for i in range(784))])
+        writer.writerows([int(label), *row] for label, row in zip(y, x_raw.reshape(len(y), -1).tolist()))
+    (root / "images").mkdir()
+    for i, image in enumerate(x_raw):
+        Image.fromarray(image[0]).save(root / "images" / f"{i:03d}.png")
+    return root, x, y
+
+
+def expected_labels(model_path: Path, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.jit.load(str(model_path))(torch.from_numpy(x)).argmax(1).numpy()
+
+
+@pytest.mark.parametrize("source", ["inputs.npz", "inputs.csv", "images"])
+def test_every_input_format_gives_the_models_own_predictions(tiny_workspace, samples, source):
+    layout, _ = tiny_workspace
+    root, x, _ = samples
+    for model in (layout.int8_ts, layout.fp32_ts):
+        proba = predict(model, root / source, out=root / f"{source}.{model.stem}.jsonl")
+        assert np.array_equal(proba.argmax(1), expected_labels(model, x)), (source, model.name)
+        records = [json.loads(line) for line in (root / f"{source}.{model.stem}.jsonl").read_text().splitlines()]
+        assert len(records) == len(x) and records[0]["class"] == str(records[0]["label"])
+        assert abs(sum(records[0]["probabilities"]) - 1) < 1e-4
+
+
+def test_csv_output_and_image_ids(tiny_workspace, samples):
+    layout, _ = tiny_workspace
+    root, x, _ = samples
+    predict(layout.int8_ts, root / "images", out=root / "out.csv")
+    rows = list(csv.DictReader((root / "out.csv").open()))
+    assert len(rows) == len(x) and rows[0]["id"] == "000.png"
+    assert list(rows[0])[:3] == ["id", "label", "class"] and "p_9" in rows[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: np.savez(d / "bad.npz", x=np.zeros((2, 3, 32, 32))), r"samples have shape \(3, 32, 32\), but int8.pt expects \(1, 28, 28\)"),
+        (lambda d: (d / "bad.npz").write_bytes(b"random bytes, not a zip"), "not a NumPy .npz/.npy file"),
+        (lambda d: np.savez(d / "bad.npz", x=np.array([{"a": 1}], dtype=object)), "need pickle"),
+        (lambda d: np.savez(d / "bad.npz", x=np.full((1, 1, 28, 28), np.nan)), "sample 0 contains NaN or inf"),
+        (lambda d: (d / "bad.csv").write_text("label,a,b\n1,2\n"), "row 2 has 2 cells, the header has 3"),
+        (lambda d: (d / "bad.csv").write_text("label,a\n1,x7\n"), "row 2, column 'a': 'x7' is not a number"),
+    ],
+)
+def test_bad_inputs_are_refused_with_the_reason(tiny_workspace, tmp_path, make, message):
+    layout, _ = tiny_workspace
+    make(tmp_path)
+    bad = next(tmp_path.glob("bad.*"))
+    with pytest.raises(DataError, match=message):
+        predict(layout.int8_ts, bad, out=tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_corrupt_image_is_named(tiny_workspace, tmp_path):
+    layout, _ = tiny_workspace
+    (tmp_path / "ok.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DataError, match=r"ok.png: not a readable image"):
+        predict(layout.int8_ts, tmp_path)
+
+
+def test_console_script_exits_non_zero_with_one_line(tiny_workspace, tmp_path):
+    layout, _ = tiny_workspace
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.predict", str(layout.int8_ts), str(tmp_path / "missing.npz")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"predict: error: {tmp_path / 'missing.npz'}: input not found" in done.stderr
