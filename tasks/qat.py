@@ -81,6 +81,8 @@ def qat(params: QatParams, layout: Layout) -> dict:
             writer, result, meta["class_names"], params.model_dump(), metrics,
             "qat: validation (fake-quant)",
         )
+        # A copy: tracing runs a forward pass, which would move observers that are not frozen yet.
+        writer.add_graph(copy.deepcopy(model).eval(), example)
 
     write_with(layout.qat_dir / "qat_state.pt", lambda f: save_prepared(f, model, config, "qat", params.backend))
     write_with(layout.qat_dir / "ptq_state.pt", lambda f: save_prepared(f, ptq, config, "ptq", params.backend))

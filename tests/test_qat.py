@@ -41,3 +41,16 @@ def test_int8_model_tracks_the_fp32_model(tiny_workspace):
     with torch.no_grad():
         agreement = (fp32(val.x).argmax(1) == int8(val.x).argmax(1)).float().mean().item()
     assert agreement > 0.8
+
+
+def test_qat_logs_to_tensorboard_like_train(tiny_workspace):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    layout, params = tiny_workspace
+    events = EventAccumulator(str(layout.root / "runs" / "qat" / "tiny"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss/train", "loss/val", "accuracy/val", "lr"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("accuracy/val")] == list(range(1, params.qat.epochs + 1))
+    assert tags["graph"] is True and "val_confusion" in tags["images"]
+    assert any(t.startswith("weights/") for t in tags["histograms"])
