@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup run test flow server serve deploy worker bench-orchestration tensorboard plots clean
+.PHONY: setup run test flow server serve deploy worker cpp bench-orchestration tensorboard plots clean
 .DEFAULT_GOAL := run
 
 $(VENV)/.installed: pyproject.toml
@@ -55,6 +55,14 @@ deploy: setup
 worker: setup
 	$(BIN)/prefect worker start --pool qatflow
 
+# C++ runner for the exported models, linked against the libtorch inside the venv's torch wheel.
+CPP_BUILD := deploy/cpp/build
+CPP_JOBS ?= 2
+cpp: setup
+	cmake -S deploy/cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CPP_BUILD) -j$(CPP_JOBS)
+
 # Prefect flow vs dvc repro on the same work (minutes; BENCH_ARGS=--tiny for seconds).
 bench-orchestration: setup
 	$(BIN)/python -m bench.orchestration $(BENCH_ARGS)
@@ -66,4 +74,4 @@ plots: setup
 	$(BIN)/dvc plots show --open || $(BIN)/dvc plots show
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .prefect
+	rm -rf $(VENV) runs .pytest_cache .prefect $(CPP_BUILD)

@@ -10,20 +10,24 @@ so it must stay self-contained: no import from this project.
 
 import json
 import sys
+import zipfile
 
 import numpy as np
 import torch
 
 
 def main(model_path: str, inputs_path: str, output_path: str) -> None:
-    extra = {"meta.json": ""}
-    if model_path.endswith(".pt2"):
-        model = torch.export.load(model_path, extra_files=extra).module()
-    else:
-        model = torch.jit.load(model_path, map_location="cpu", _extra_files=extra)
-    meta = json.loads(extra["meta.json"])
+    # The quantized engine must be chosen before loading: int8 weights are packed for whichever
+    # engine is active when the file is read. So read meta.json straight from the archive first.
+    with zipfile.ZipFile(model_path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/extra/meta.json"))
+        meta = json.loads(archive.read(name))
     if meta.get("backend"):
         torch.backends.quantized.engine = meta["backend"]
+    if model_path.endswith(".pt2"):
+        model = torch.export.load(model_path).module()
+    else:
+        model = torch.jit.load(model_path, map_location="cpu")
     norm = meta["normalization"]
     with np.load(inputs_path, allow_pickle=False) as data:
         x = torch.from_numpy(data["x_raw"]).to(torch.float32)

@@ -23,25 +23,12 @@ from rich.progress import Progress
 
 from tasks.atomic import write_text
 from tasks.cli import run_command
+from tasks.deployed import load_deployed
 from tasks.errors import DataError
 from tasks.readers import (IMAGE_SUFFIXES, conform, image_files, read_array_file,
                            read_csv_features, read_images)
 
 PROGRESS_FROM = 10_000  # samples; below this a bar only flickers
-
-
-def load_model(path: Path) -> tuple[torch.jit.ScriptModule, dict]:
-    if not path.is_file():
-        raise DataError(f"{path}: model file not found")
-    extra = {"meta.json": ""}
-    try:
-        model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        meta = json.loads(extra["meta.json"])
-    except (RuntimeError, ValueError) as exc:
-        raise DataError(f"{path}: not a qatflow TorchScript model ({str(exc).splitlines()[0]})") from None
-    if meta.get("backend"):  # int8 kernels exist per backend; the engine is process-global
-        torch.backends.quantized.engine = meta["backend"]
-    return model, meta
 
 
 def read_inputs(path: Path, input_shape: list[int], model_name: str) -> tuple[np.ndarray, list[str]]:
@@ -105,7 +92,7 @@ def format_records(ids: list[str], proba: np.ndarray, class_names: list[str], as
 
 def predict(model_path: Path, input_path: Path, out: Path | None = None, batch_size: int = 256) -> np.ndarray:
     """Class probabilities for every sample of `input_path`; written to `out` (or stdout)."""
-    model, meta = load_model(model_path)
+    model, meta = load_deployed(model_path)
     x_raw, ids = read_inputs(input_path, meta["input_shape"], model_path.name)
     proba = predict_proba(model, normalize(x_raw, meta["normalization"]), batch_size)
     text = format_records(ids, proba, meta["class_names"], as_csv=bool(out and out.suffix == ".csv"))
