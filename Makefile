@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup run test flow server serve deploy worker cpp bench-orchestration tensorboard plots clean
+.PHONY: setup run test flow server serve deploy worker cpp bench bench-orchestration tensorboard plots clean
 .DEFAULT_GOAL := run
 
 $(VENV)/.installed: pyproject.toml
@@ -62,6 +62,12 @@ cpp: setup
 	cmake -S deploy/cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build $(CPP_BUILD) -j$(CPP_JOBS)
+
+# Every model variant side by side: Python and C++ latency, sizes, accuracy, training-loop and
+# no-op `dvc repro` overhead against the targets -> bench/results.json, bench/results.png (~70 s).
+# BENCHMARK_ARGS=--quick for a seconds-long run.
+bench: cpp
+	$(BIN)/python -m bench.benchmark $(BENCHMARK_ARGS)
 
 # Prefect flow vs dvc repro on the same work (minutes; BENCH_ARGS=--tiny for seconds).
 bench-orchestration: setup

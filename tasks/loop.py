@@ -137,10 +137,11 @@ def fit(
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                loss_sum += loss.item() * len(batch)
+                step_loss = loss.item()
+                loss_sum += step_loss * len(batch)
                 correct += int((logits.argmax(1) == train.y[batch]).sum())
-                writer.add_scalar("loss/train_step", loss.item(), epoch * steps_per_epoch + step)
-                progress.update(task, advance=1, loss=loss.item())
+                writer.add_scalar("loss/train_step", step_loss, epoch * steps_per_epoch + step)
+                progress.update(task, advance=1, loss=step_loss)
             progress.remove_task(task)
 
             model.eval()

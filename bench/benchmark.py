@@ -1,0 +1,337 @@
+"""Inference and training benchmark: every model variant side by side, in one run.
+
+    python -m bench.benchmark [--quick] [--root DIR] [--out DIR] [--runner PATH] [--threads 1,2]
+
+Per thread count: latency (median, p90) at batch 1 and 64 of fp32 eager, fp32 TorchScript +
+optimize_for_inference (the fair fp32 baseline), int8 PTQ, int8 QAT and the C++ runner; sizes, test
+accuracy, the training loop's overhead over bare PyTorch and a no-op `dvc repro`, against targets.
+Writes results.json and results.png to --out (default ROOT/bench). Other jobs share the machine and
+its speed drifts, so all variants take turns in rounds and each latency is a median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import redirect_stdout, suppress
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich import box
+from rich.console import Console
+from rich.table import Column, Table
+from torch.utils.tensorboard import SummaryWriter
+
+from tasks.atomic import write_json, write_with
+from tasks.deprecations import silence_torch_deprecations
+from tasks.errors import QatflowError
+from tasks.evaluate import cpu_name, load_torchscript, time_model
+from tasks.figures import tradeoff_figure
+from tasks.layout import Layout
+from tasks.loop import fit, load_split, predict_logits, random_shift, seed_everything
+from tasks.model import build_model, load_checkpoint, model_config
+from tasks.params import load_params
+from tasks.train import make_optimizer, make_scheduler
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH_SIZES = [1, 64]
+VARIANTS = {"fp32": "fp32 eager", "fp32_ts": "fp32 TS + optimize", "ptq": "int8 PTQ TS", "int8": "int8 QAT TS"}
+# The C++ runner loads the files as saved: fp32.pt is frozen, without optimize_for_inference.
+CPP = {"cpp_fp32": ("fp32_ts", "C++ fp32.pt, no opt."), "cpp_int8": ("int8", "C++ int8.pt")}
+TARGETS = {"int8_vs_fp32ts_bs1": (2.0, "min"), "int8_vs_fp32ts_bs64": (3.0, "min"), "size_ratio": (3.7, "min"),
+           "accuracy_drop_pp": (0.3, "max"), "train_overhead": (1.10, "max"), "noop_repro_s": (1.5, "max")}
+
+
+def load_variants(layout: Layout) -> tuple[dict, dict, torch.Tensor, np.ndarray]:
+    """Files, loaders (each call loads a fresh model), test inputs and labels."""
+    files = {"fp32": layout.train_model, "fp32_ts": layout.fp32_ts, "ptq": layout.ptq_ts, "int8": layout.int8_ts}
+    layout.require(layout.prepared / "test.npz", *files.values())
+    names = json.loads((layout.prepared / "meta.json").read_text())["class_names"]
+    with np.load(layout.prepared / "test.npz", allow_pickle=False) as test:
+        x, y = torch.from_numpy(test["x"]), test["y"]
+
+    def loader(key: str, path: Path):
+        if key == "fp32":
+            return lambda: load_checkpoint(path)[0]
+        if key == "fp32_ts":  # optimized in memory only: its output cannot be saved
+            return lambda: torch.jit.optimize_for_inference(load_torchscript(path, names))
+        return lambda: load_torchscript(path, names)
+    return files, {k: loader(k, f) for k, f in files.items()}, x, y
+
+
+def latency_worker(conn, root: str, threads: int, repeats: int) -> None:
+    """Times every variant once per request, each batch size on a freshly loaded model (time_model).
+    One process per thread count, set before any inference, as in a deployment: a module that ran
+    at another thread count or batch size can stay ~2x slower at int8 batch 1 (measured, torch 2.13)."""
+    torch.set_num_threads(threads)
+    silence_torch_deprecations()
+    _, loaders, x, _ = load_variants(Layout(Path(root)))
+    while conn.recv():
+        conn.send({k: time_model(load, x, BATCH_SIZES, repeats) for k, load in loaders.items()})
+
+
+def time_cpp(runner: Path, model: Path, inputs: Path, logits: Path, threads: int, repeats: int) -> dict:
+    """One run of deploy/cpp's qatflow_runner; its last stdout line is a JSON report."""
+    cmd = [str(runner), str(model), str(inputs), "--out", str(logits), "--threads", str(threads),
+           "--repeats", str(repeats), "--batch-sizes", ",".join(map(str, BATCH_SIZES))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        return {k: {"median_ms": t["median"], "p90_ms": t["p90"]} for k, t in report["latency_ms"].items()}
+    except OSError as exc:
+        raise RuntimeError(f"{runner}: {exc}") from None
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {done.returncode}, no report ({exc!r})\n"
+                           f"{done.stderr[-1500:]}") from None
+
+
+def time_rounds(root: Path, cpp: dict, threads: list[int], rounds: int, repeats: int) -> dict:
+    """{variant: {"threads_N": {"batch_B": {"median_ms", "p90_ms"}}}}: each round times every thread
+    count, variant and C++ run (`cpp`: name -> time_cpp arguments) in turn, while the other workers
+    wait idle; a figure is the median over rounds of each round's median (p90)."""
+    spawn, workers, runs = multiprocessing.get_context("spawn"), {}, defaultdict(list)
+    for n in threads:
+        conn, child = spawn.Pipe()
+        workers[n] = conn, spawn.Process(target=latency_worker, args=(child, str(root), n, repeats), daemon=True)
+        workers[n][1].start()
+        child.close()  # the worker's end only: a worker that dies then reads as EOF here, not a hang
+    try:
+        for _ in range(rounds):
+            for n, (conn, _) in workers.items():
+                conn.send(True)
+                try:
+                    timed = conn.recv()
+                except EOFError:
+                    sys.exit(f"bench: error: the {n}-thread latency worker died (its traceback is above)")
+                try:
+                    timed |= {k: time_cpp(*args, threads=n, repeats=repeats) for k, args in cpp.items()}
+                except RuntimeError as exc:  # someone else's work in progress: say so, go on without it
+                    print(f"C++ runner failed, its figures are null: {exc}", file=sys.stderr)
+                    cpp = {}
+                for name, by_batch in timed.items():
+                    for key, t in by_batch.items():
+                        runs[name, n, key].append(t)
+    finally:
+        for conn, process in workers.values():
+            with suppress(OSError):  # a worker that died has said why on stderr already
+                conn.send(False)
+            process.join()  # which also counts its CPU time as this run's own (cpu_seconds)
+    out: dict = {}
+    for (name, n, key), ts in runs.items():
+        if name in VARIANTS or name in cpp:
+            out.setdefault(name, {}).setdefault(f"threads_{n}", {})[key] = {
+                stat: round(float(np.median([t[stat] for t in ts])), 4) for stat in ("median_ms", "p90_ms")}
+    return out
+
+
+def train_overhead(layout: Layout, params_path: Path, rounds: int = 5) -> dict:
+    """One epoch of tasks.loop.fit as the train stage runs it (TensorBoard writer, progress bar,
+    deterministic mode, per-epoch validation, history, best-state copy) against a bare loop doing
+    the same training *and* the same validation pass: fit validates every epoch, and leaving that
+    out of the bare loop would book validation as pipeline overhead. ABBA order after a warm-up."""
+    p = load_params(params_path).train
+    meta = json.loads((layout.prepared / "meta.json").read_text())
+    train, val = load_split(layout.prepared, "train"), load_split(layout.prepared, "val")
+    config = model_config(meta["input_shape"], len(meta["class_names"]), p.model.widths, p.model.dropout)
+
+    def setup():  # the train stage's seeds, init, optimizer and scheduler, afresh for every run
+        generator = seed_everything(p.seed, p.threads)
+        model = build_model(config)
+        optimizer = make_optimizer(p, model)
+        return model, optimizer, make_scheduler(p, optimizer, -(-len(train.y) // p.batch_size)), generator
+
+    def pipeline() -> float:
+        model, optimizer, scheduler, generator = setup()
+        with tempfile.TemporaryDirectory() as logdir, redirect_stdout(io.StringIO()):
+            start = time.perf_counter()  # the writer's setup and final flush are the pipeline's too
+            with SummaryWriter(logdir) as writer:
+                fit(model, train, val, stage="bench", epochs=1, batch_size=p.batch_size, optimizer=optimizer,
+                    scheduler=scheduler, generator=generator, writer=writer, augment_shift=p.augment_shift,
+                    label_smoothing=p.label_smoothing, patience=None)
+            return time.perf_counter() - start
+
+    def bare() -> float:
+        model, optimizer, scheduler, generator = setup()
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train.y), generator=generator)
+        for i in range(0, len(train.y), p.batch_size):
+            batch = order[i : i + p.batch_size]
+            logits = model(random_shift(train.x[batch], p.augment_shift, generator))
+            loss = F.cross_entropy(logits, train.y[batch], label_smoothing=p.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        model.eval()
+        val_logits = predict_logits(model, val.x)  # the validation figures fit computes each epoch
+        (val_logits.argmax(1) == val.y).float().mean().item(), F.cross_entropy(val_logits, val.y).item()
+        return time.perf_counter() - start
+
+    bare()  # warm-up: first-call costs (allocator, oneDNN kernels) belong to neither side
+    seconds = defaultdict(list)
+    for r in range(rounds):
+        for name, run in [("bare", bare), ("fit", pipeline)][:: 1 if r % 2 == 0 else -1]:
+            seconds[name].append(run())
+    fit_s, bare_s = (float(np.median(seconds[k])) for k in ("fit", "bare"))
+    return {"fit_epoch_s": round(fit_s, 3), "bare_epoch_s": round(bare_s, 3), "ratio": round(fit_s / bare_s, 3),
+            "runs": rounds}
+
+
+def noop_repro(root: Path, runs: int = 3) -> tuple[float | None, str]:
+    """Median wall time of `dvc repro` with nothing stale, run as a user types it."""
+    if not (root / "dvc.yaml").exists():
+        return None, "not a DVC project"
+    bin_dir = Path(sys.executable).parent
+    dvc = [str(bin_dir / "dvc")] if (bin_dir / "dvc").exists() else [sys.executable, "-m", "dvc"]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    # Only time a real no-op: on a stale workspace `dvc repro` would re-run stages and rewrite outputs.
+    status = subprocess.run([*dvc, "status", "-q"], cwd=root, env=env, capture_output=True, text=True)
+    if status.returncode != 0:
+        return None, f"not measured: `dvc status` says the pipeline is not up to date {status.stderr[-300:]}"
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        done = subprocess.run([*dvc, "repro"], cwd=root, env=env, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - start)
+        if done.returncode != 0 or "Running stage" in done.stdout:
+            return None, f"not measured: `dvc repro` was not a no-op: {(done.stdout + done.stderr)[-500:]}"
+    return round(float(np.median(seconds)), 3), f"median of {runs} runs"
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU-seconds of the whole machine, of this process and its waited-for children)."""
+    jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+    return busy, sum(os.times()[:4])
+
+
+def benchmark(root: Path, out: Path, runner: Path, threads: list[int], quick: bool) -> dict:
+    layout, start, (busy0, own0) = Layout(root), time.perf_counter(), cpu_seconds()
+    files, loaders, x, y = load_variants(layout)
+    correct = {k: int((predict_logits(load(), x).argmax(1).numpy() == y).sum()) for k, load in loaders.items()}
+    rounds, repeats = (1, 5) if quick else (7, 30)
+    with tempfile.TemporaryDirectory() as work:
+        np.save(inputs := Path(work) / "inputs.npy", x.numpy())
+        logits = {k: Path(work) / f"{k}.npy" for k in CPP}
+        cpp = {k: (runner, files[f], inputs, logits[k]) for k, (f, _) in CPP.items()} if runner.is_file() else {}
+        if not cpp:
+            print(f"C++ runner not built: run `make cpp` ({runner} is missing); its figures are null")
+        latency = time_rounds(root, cpp, threads, rounds, repeats)
+        correct |= {k: int((np.load(f).argmax(1) == y).sum()) for k, f in logits.items() if f.exists()}
+    overhead = None if quick else train_overhead(layout, root / "params.yaml")
+    repro_s, repro_note = noop_repro(root)
+    # Other jobs skew timings, multi-threaded ones most (threads wait on descheduled peers): say how much.
+    busy, own = cpu_seconds()
+    others = max(0.0, (busy - busy0) - (own - own0)) / ((time.perf_counter() - start) * os.cpu_count())
+
+    def entry(key: str, label: str, file: Path) -> dict:
+        return {"label": label, "file": str(file.relative_to(root)), "size_bytes": file.stat().st_size,
+                "accuracy": round(correct[key] / len(y), 6) if key in correct else None, "latency_ms": latency[key]}
+
+    variants = {k: entry(k, label, files[k]) for k, label in VARIANTS.items()}
+    cpp_variants = {k: entry(k, label, files[f]) for k, (f, label) in CPP.items()} if CPP.keys() <= latency.keys() else None
+    at = f"threads_{max(threads)}"  # ratios at the most threads benchmarked: 2 by default, as evaluate's
+    speedup = {b: latency["fp32_ts"][at][f"batch_{b}"]["median_ms"] / latency["int8"][at][f"batch_{b}"]["median_ms"]
+               for b in BATCH_SIZES}
+    figures = {
+        "int8_vs_fp32ts_bs1": round(speedup[1], 3), "int8_vs_fp32ts_bs64": round(speedup[64], 3),
+        "size_ratio": round(variants["fp32_ts"]["size_bytes"] / variants["int8"]["size_bytes"], 3),
+        # From counts, as evaluate does, so one test image is exactly 100/n pp.
+        "accuracy_drop_pp": round(100 * (correct["fp32"] - correct["int8"]) / len(y), 4),
+        "train_overhead": overhead and overhead["ratio"], "noop_repro_s": repro_s,
+    }
+    results = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
+        "torch_version": torch.__version__, "threads": threads, "ratio_threads": max(threads),
+        "other_jobs_cpu_share": round(others, 3), "quick": quick, "rounds": rounds, "repeats_per_round": repeats,
+        "test_samples": len(y), **figures,
+        "targets": {k: {"target": f"{'>=' if kind == 'min' else '<='} {t:g}", "value": figures[k],
+                        "passed": None if figures[k] is None else (figures[k] >= t if kind == "min" else figures[k] <= t)}
+                    for k, (t, kind) in TARGETS.items()},
+        "variants": variants, "cpp": cpp_variants, "cpp_runner": str(runner) if cpp_variants else None,
+        "train_overhead_detail": overhead, "noop_repro_note": repro_note,
+    }
+    write_json(out / "results.json", results)
+    plot(out / "results.png", {**variants, **(cpp_variants or {})}, max(threads))
+    return results
+
+
+def plot(path: Path, variants: dict, threads: int) -> None:
+    # Python variants under the keys evaluate's tradeoff figure uses, so that they keep its colours.
+    points = [{"name": k if k in VARIANTS else v["label"], "size_bytes": v["size_bytes"],
+               "latency_ms": v["latency_ms"][f"threads_{threads}"]["batch_1"]["median_ms"],
+               # No logits from the runner: it ran the same file, so Python's accuracy of it stands in.
+               "accuracy": variants[CPP[k][0]]["accuracy"] if v["accuracy"] is None else v["accuracy"]}
+              for k, v in variants.items()]
+    fig = tradeoff_figure(points, 1)
+    ax = fig.axes[0]
+    for marker, point in zip([*ax.collections, *ax.get_legend().legend_handles], [*points, *points]):
+        if point["name"] not in VARIANTS:  # figures.COLORS has colours for the Python variants only
+            marker.set_facecolor("tab:purple" if "fp32" in point["name"] else "tab:brown")
+    ax.set_title("")  # too long for the axes beside the legend: a figure title instead
+    fig.suptitle(f"Accuracy vs latency at batch 1, {threads} threads (marker area ∝ file size)")
+    write_with(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
+def print_table(r: dict) -> None:
+    console = Console(width=max(Console().width, 100))  # a pipe's 80 columns would wrap every row
+    stats = [(f"batch_{b}", s) for b in BATCH_SIZES for s in ("median_ms", "p90_ms")]
+    table = Table("variant", *(Column(h, justify="right") for h in ["threads", "accuracy", "size", *(
+                  f"b{b.split('_')[1]} {s.split('_')[0]}" for b, s in stats)]), box=box.SIMPLE_HEAD,
+                  title=f"{r['date']}, {r['cpu']}, torch {r['torch_version']}, {r['test_samples']} test images, ms")
+    for n in r["threads"]:
+        for v in {**r["variants"], **(r["cpp"] or {})}.values():
+            t = v["latency_ms"][f"threads_{n}"]
+            table.add_row(v["label"], str(n), "-" if v["accuracy"] is None else f"{v['accuracy']:.2%}",
+                          f"{v['size_bytes'] / 1024:.0f} KiB", *(f"{t[b][s]:.3f}" for b, s in stats))
+        table.add_section()
+    console.print(table, "TS + optimize: frozen TorchScript + torch.jit.optimize_for_inference, the best fp32. "
+                  + ("C++ runs fp32.pt as saved (no optimize_for_inference)." if r["cpp"] else
+                     "No C++ figures: runner not built (`make cpp`) or failed."))
+    targets = Table("figure", "value", "target", "result", title="targets", box=box.SIMPLE_HEAD,
+                    caption=f"speedups: fp32 TS + optimize / int8 QAT, at {r['ratio_threads']} threads")
+    for k, t in r["targets"].items():
+        result = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "not measured"}[t["passed"]]
+        targets.add_row(k, "-" if t["value"] is None else f"{t['value']:g}", t["target"], result)
+    console.print(targets)
+    if d := r["train_overhead_detail"]:
+        console.print(f"one epoch: fit {d['fit_epoch_s']} s, bare loop {d['bare_epoch_s']} s (medians of {d['runs']})")
+    busy = r["other_jobs_cpu_share"] > 0.1
+    console.print(f"no-op dvc repro: {r['noop_repro_note']}\nother jobs used {r['other_jobs_cpu_share']:.0%} of "
+                  "the CPU time during the run" + (": latency is unreliable, re-run on a quiet machine" if busy else ""),
+                  style="yellow" if busy else None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=REPO, help="project root with the pipeline's outputs")
+    parser.add_argument("--out", type=Path, help="folder for results.json and results.png (default ROOT/bench)")
+    parser.add_argument("--runner", type=Path, help="C++ runner (default ROOT/deploy/cpp/build/qatflow_runner)")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="few repeats, no training overhead (tests)")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    silence_torch_deprecations()
+    try:
+        results = benchmark(root, args.out or root / "bench", args.runner or root / "deploy/cpp/build/qatflow_runner",
+                            [int(n) for n in args.threads.split(",")], args.quick)
+    except QatflowError as exc:  # a missing model or params file: one line, not a traceback
+        sys.exit(f"bench: error: {exc}")
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

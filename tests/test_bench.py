@@ -1,0 +1,57 @@
+"""`python -m bench.benchmark --quick` on conftest's tiny workspace: it writes every figure the README
+quotes, as numbers, reads the C++ runner's report (a stand-in runner here) and runs without one."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from conftest import REPO, run
+
+# Speaks qatflow_runner's interface: logits to --out, a JSON report as the last stdout line.
+FAKE_RUNNER = """#!{python}
+import json, sys
+import numpy as np
+args = sys.argv[1:]
+option = lambda name: args[args.index(name) + 1]
+x = np.load(args[1])
+np.save(option("--out"), np.zeros((len(x), 10), np.float32))
+print("loading", args[0])
+print(json.dumps({{"model": args[0], "samples": len(x), "num_classes": 10, "threads": int(option("--threads")),
+                  "latency_ms": {{f"batch_{{b}}": {{"median": 0.5, "p90": 0.75}}
+                                 for b in option("--batch-sizes").split(",")}}}}))
+"""
+RATIOS = ["int8_vs_fp32ts_bs1", "int8_vs_fp32ts_bs64", "size_ratio", "accuracy_drop_pp"]
+
+
+def test_quick_benchmark_on_tiny_workspace(tiny_workspace, tmp_path):
+    layout, _ = tiny_workspace
+    runner = tmp_path / "qatflow_runner"
+    runner.write_text(FAKE_RUNNER.format(python=sys.executable))
+    runner.chmod(0o755)
+    bench = [sys.executable, "-m", "bench.benchmark", "--quick", "--root", str(layout.root)]
+
+    run(*bench, "--out", str(tmp_path / "cpp"), "--runner", str(runner), cwd=REPO)
+    results = json.loads((tmp_path / "cpp" / "results.json").read_text())
+    for key in RATIOS:
+        assert isinstance(results[key], int | float) and results[key] >= 0, key
+        assert results["targets"][key]["passed"] in (True, False)
+    # --quick skips the training overhead; the tiny workspace is no DVC project.
+    assert results["train_overhead"] is None and results["noop_repro_s"] is None
+    for variant in [*results["variants"].values(), *results["cpp"].values()]:
+        for threads in ("threads_1", "threads_2"):
+            for batch in ("batch_1", "batch_64"):
+                assert all(v > 0 for v in variant["latency_ms"][threads][batch].values())
+        assert variant["size_bytes"] > 0
+    assert results["cpp"]["cpp_int8"]["latency_ms"]["threads_2"]["batch_64"] == {"median_ms": 0.5, "p90_ms": 0.75}
+    with np.load(layout.prepared / "test.npz") as test:  # the stand-in's logits always say class 0
+        assert results["cpp"]["cpp_fp32"]["accuracy"] == round(float(np.mean(test["y"] == 0)), 6)
+    assert (tmp_path / "cpp" / "results.png").stat().st_size > 0
+
+    out = run(*bench, "--out", str(tmp_path / "no-cpp"), "--runner", str(tmp_path / "missing"), "--threads", "1",
+              cwd=REPO)
+    assert "C++ runner not built: run `make cpp`" in out
+    results = json.loads((tmp_path / "no-cpp" / "results.json").read_text())
+    assert results["cpp"] is None and all(isinstance(results[key], int | float) for key in RATIOS)
