@@ -14,6 +14,7 @@ from dvc.lock import LockError
 from dvc.repo import Repo
 from ruamel.yaml import YAML
 
+from flows.options import apply_overrides
 from tasks.atomic import write_text
 
 # DVC logs through its own handler, as on the command line; propagating too would print every
@@ -63,12 +64,7 @@ def set_params(params_file: Path, overrides: dict[str, Any]) -> None:
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
     )
     data = yaml.load(params_file.read_text())
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    apply_overrides(data, overrides)
     out = io.StringIO()
     yaml.dump(data, out)
     write_text(params_file, out.getvalue())

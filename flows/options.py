@@ -6,6 +6,8 @@ from typing import Any
 
 import yaml
 
+from tasks.errors import ParamsError
+
 
 def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
     """["train.epochs=3", "save_experiment=false"] -> {"train.epochs": 3, "save_experiment": False};
@@ -17,3 +19,20 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
             raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
         parsed[key] = yaml.safe_load(value)
     return parsed
+
+
+def apply_overrides(params: dict, overrides: dict[str, Any]) -> None:
+    """Set dotted keys ({"train.epochs": 3}) in a params mapping, in place.
+
+    A section missing from the mapping is created (the schema fills defaults and names an unknown
+    one); a key that holds a value cannot also hold a section.
+    """
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = params
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                prefix = ".".join(parents[: depth + 1])
+                raise ParamsError(f"override {key!r}: {prefix!r} is a value, not a section")
+        node[leaf] = value

@@ -26,9 +26,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows import dvcrepo
-from flows.options import parse_key_values
+from flows.options import apply_overrides, parse_key_values
 from tasks.deprecations import silence_torch_deprecations
-from tasks.errors import ParamsError, QatflowError
+from tasks.errors import QatflowError
 from tasks.params import load_params, parse_params
 
 # Training is the only stage that can run long; a hung one should not hold the workspace forever.
@@ -44,17 +44,7 @@ def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
     """Validate params.yaml with the overrides applied, against the one schema, before anything
     runs or is written."""
     raw = yaml.safe_load(params_file.read_text()) or {}
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for depth, part in enumerate(parents):
-            # A section missing from the file is fine (schema defaults); the schema then names an
-            # unknown one. A key that holds a value cannot also hold a section.
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                prefix = ".".join(parents[: depth + 1])
-                raise ParamsError(f"override {key!r}: {prefix!r} is a value, not a section")
-        node[leaf] = value
+    apply_overrides(raw, overrides)
     parse_params(raw, origin=f"{params_file.name} with overrides {overrides}")
 
 
