@@ -1,13 +1,16 @@
 """Atomic output writes: a stage that dies mid-write never leaves a truncated file that looks valid.
 
 Everything goes to a temporary file in the destination's folder (same filesystem), is fsynced, and
-is renamed over the destination only when complete.
+is renamed over the destination only when complete. A stage writes all its outputs through
+`staged_outputs()`, which publishes them together once the stage has succeeded; dvc.yaml marks
+them `persist: true` so that DVC does not delete the previous ones before the stage runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,3 +57,132 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_open(path, "w") as f:
         f.write(text)
     return Path(path)
+
+
+class StagedOutputs:
+    """A stage's outputs, written beside their destinations and moved into place together only
+    once the stage has succeeded: a failed or killed stage leaves every previous output as it was.
+
+    Each output is staged as `.<name>.<pid>.staged` in its destination's folder (same filesystem,
+    so publishing is a rename). Leftovers of a killed run are removed the next time that output is
+    staged; a directory caught between its two publishing renames is put back.
+    """
+
+    def __init__(self) -> None:
+        self._staged: dict[Path, Path] = {}
+
+    def path(self, destination: str | Path, *, directory: bool = False) -> Path:
+        """Where to write `destination` for now (a fresh empty folder when `directory`)."""
+        destination = Path(destination)
+        if destination in self._staged:
+            return self._staged[destination]
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        recover_leftovers(destination)
+        staged = _sibling(destination, "staged")
+        if directory:
+            staged.mkdir()
+        self._staged[destination] = staged
+        return staged
+
+    @contextmanager
+    def open(self, destination: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+        # The staged name is private to this process: no temp-and-rename needed inside it.
+        with open(self.path(destination), mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_with(self, destination: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
+        """See the module's write_with: `writer` gets a file object, never a path."""
+        with self.open(destination, "wb") as f:
+            writer(f)
+        return Path(destination)
+
+    def write_json(self, destination: str | Path, data: Any) -> Path:
+        with self.open(destination, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        return Path(destination)
+
+    def write_text(self, destination: str | Path, text: str) -> Path:
+        with self.open(destination, "w") as f:
+            f.write(text)
+        return Path(destination)
+
+    def publish(self) -> None:
+        for destination, staged in self._staged.items():
+            if not staged.exists():
+                raise FileNotFoundError(f"{destination}: staged but never written")
+        for destination, staged in self._staged.items():
+            if staged.is_dir() and destination.is_dir():
+                # A directory cannot be renamed over a non-empty one: swap via a side name.
+                old = _sibling(destination, "old")
+                os.replace(destination, old)
+                os.replace(staged, destination)
+                shutil.rmtree(old)
+            else:
+                os.replace(staged, destination)
+            _fsync_dir(destination.parent)
+        self._staged.clear()
+
+    def discard(self) -> None:
+        for staged in self._staged.values():
+            _remove(staged)
+        self._staged.clear()
+
+
+@contextmanager
+def staged_outputs() -> Iterator[StagedOutputs]:
+    """`with staged_outputs() as out: out.write_json(dest, ...)`: all or nothing."""
+    outputs = StagedOutputs()
+    try:
+        yield outputs
+    except BaseException:
+        outputs.discard()
+        raise
+    outputs.publish()
+
+
+def recover_leftovers(destination: Path) -> None:
+    """Clear what a killed run left beside `destination`; restore it if it was mid-swap."""
+    for leftover in sorted(destination.parent.glob(f".{destination.name}.*.*")):
+        pid, _, kind = leftover.name[len(destination.name) + 2 :].partition(".")
+        if kind not in ("staged", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not destination.exists():
+            os.replace(leftover, destination)
+        else:
+            _remove(leftover)
+
+
+def _sibling(destination: Path, kind: str) -> Path:
+    path = destination.parent / f".{destination.name}.{os.getpid()}.{kind}"
+    _remove(path)  # our own pid: a leftover of this very process
+    return path
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -28,8 +28,19 @@ class Layout:
         return self.root / "models" / "train" / "fp32_state.pt"
 
     @property
+    def train_checkpoint(self) -> Path:
+        """Resumable training state, rewritten every epoch. Not a DVC output: DVC would delete
+        it before the stage runs, and it is removed once training has finished."""
+        return self.root / "models" / "train" / "checkpoint.pt"
+
+    @property
     def qat_dir(self) -> Path:
         return self.root / "models" / "qat"
+
+    @property
+    def qat_checkpoint(self) -> Path:
+        """As train_checkpoint, for qat; outside models/qat, which DVC tracks as a whole."""
+        return self.root / "models" / "qat_checkpoint.pt"
 
     @property
     def fp32_ts(self) -> Path:

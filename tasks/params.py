@@ -23,8 +23,16 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    source: str = "builtin:mnist5k"
+    # builtin:mnist5k, builtin:digits, or a path (relative to the project root) to an .npz file,
+    # a .csv file or a folder with one sub-folder of images per class.
+    source: Annotated[str, Field(min_length=1)] = "builtin:mnist5k"
     max_samples: PositiveInt | None = None
+    # How samples are read: (N, F) vectors, (N, C, L) sequences or (N, C, H, W) images. "auto"
+    # decides from the array's shape (see tasks/sources.py); the model family follows from it.
+    layout: Literal["auto", "vectors", "sequences", "images"] = "auto"
+    label_column: Annotated[str, Field(min_length=1)] = "label"  # CSV sources
+    image_size: list[PositiveInt] = Field(default=[28, 28], min_length=2, max_length=2)  # folders: [H, W]
+    image_mode: Literal["grayscale", "rgb"] = "grayscale"  # folders
 
 
 class Split(Section):
@@ -46,7 +54,11 @@ class PrepareParams(Section):
 
 
 class ModelParams(Section):
-    widths: list[PositiveInt] = Field(default=[32, 64, 128], min_length=1, max_length=6)
+    # auto: mlp for vectors, cnn1d for sequences, cnn2d for images (tasks/model.py).
+    family: Literal["auto", "mlp", "cnn1d", "cnn2d"] = "auto"
+    # Channels per conv stage (CNNs) or units per hidden layer (MLP); null: the family's default.
+    widths: list[PositiveInt] | None = Field(default=None, min_length=1, max_length=6)
+    convs_per_stage: Annotated[int, Field(ge=1, le=4)] = 2  # CNNs; the first stage has one
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
 
@@ -84,13 +96,15 @@ class ExportParams(Section):
     parity_samples: Annotated[int, Field(ge=2)] = 500  # 2+: the .pt2 export needs a batch > 1
     fp32_tolerance: Annotated[float, Field(gt=0, le=1)] = 1e-4
     int8_min_agreement: Annotated[float, Field(gt=0, le=1)] = 0.999
+    # Deployment gate, checked before any model is published: int8 QAT may lose at most this many
+    # percentage points of test accuracy against fp32.
+    max_accuracy_drop: Annotated[float, Field(ge=0, le=100)] = 0.5
 
 
 class EvaluateParams(Section):
     threads: Threads = 2
     latency_batch_sizes: list[PositiveInt] = Field(default=[1, 64], min_length=1)
     latency_repeats: Annotated[int, Field(ge=3)] = 50
-    max_accuracy_drop: Annotated[float, Field(ge=0, le=100)] = 0.5
     misclassified_shown: Annotated[int, Field(ge=1, le=100)] = 25
 
 
