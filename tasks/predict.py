@@ -3,8 +3,10 @@
 
 MODEL is models/int8.pt or models/fp32.pt, loaded with torch alone (no qatflow model code): its
 embedded meta.json says the input shape, the normalization and the class names. INPUT is an .npz
-(array `x`) or .npy, a CSV (a header row; a `label` column, if any, is ignored), an image file or a
-folder of images. Writes one record per sample (id, label, class, probabilities) as JSON lines, or
+(array `x`) or .npy, a CSV (a header row; a `label` column, if any, is ignored), or, for image
+models, an image file or a folder of images. Samples are shaped as prepare shaped the training
+data: vectors [F] take rows of any shape with F values, sequences [C, L] take (N, L) when C is 1
+or flat rows of C * L values, images [C, H, W] take (N, H, W) when C is 1. Writes one record per sample (id, label, class, probabilities) as JSON lines, or
 CSV when FILE ends in .csv; to stdout without --out.
 """
 
@@ -37,7 +39,9 @@ def read_inputs(path: Path, input_shape: list[int], model_name: str) -> tuple[np
         raise DataError(f"{path}: input not found")
     if path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES:
         if len(input_shape) != 3:
-            raise DataError(f"{path}: images given, but {model_name} takes inputs of shape {tuple(input_shape)}")
+            raise DataError(f"{path}: images given, but {model_name} takes "
+                            f"{'vectors' if len(input_shape) == 1 else 'sequences'} of shape "
+                            f"{tuple(input_shape)}")
         files = image_files(path)
         ids = [str(f.relative_to(path)) if path.is_dir() else f.name for f in files]
         return read_images(files, input_shape[1], input_shape[2], input_shape[0]), ids

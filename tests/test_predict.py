@@ -63,8 +63,8 @@ def test_csv_output_and_image_ids(tiny_workspace, samples):
     ("make", "message"),
     [
         (lambda d: np.savez(d / "bad.npz", x=np.zeros((2, 3, 32, 32))), r"samples have shape \(3, 32, 32\), but int8.pt expects \(1, 28, 28\)"),
-        (lambda d: (d / "bad.npz").write_bytes(b"random bytes, not a zip"), "not a NumPy .npz/.npy file"),
-        (lambda d: np.savez(d / "bad.npz", x=np.array([{"a": 1}], dtype=object)), "need pickle"),
+        (lambda d: (d / "bad.npz").write_bytes(b"random bytes, not a zip"), r"not an .npz file \(no zip archive"),
+        (lambda d: np.savez(d / "bad.npz", x=np.array([{"a": 1}], dtype=object)), "holds object .* nothing that needs pickle"),
         (lambda d: np.savez(d / "bad.npz", x=np.full((1, 1, 28, 28), np.nan)), "sample 0 contains NaN or inf"),
         (lambda d: (d / "bad.csv").write_text("label,a,b\n1,2\n"), "row 2 has 2 cells, the header has 3"),
         (lambda d: (d / "bad.csv").write_text("label,a\n1,x7\n"), "row 2, column 'a': 'x7' is not a number"),
@@ -94,3 +94,45 @@ def test_console_script_exits_non_zero_with_one_line(tiny_workspace, tmp_path):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"predict: error: {tmp_path / 'missing.npz'}: input not found" in done.stderr
+
+
+def scripted_model(path: Path, input_shape: list[int], classes: int = 3) -> Path:
+    """A TorchScript model as export writes it (meta.json inside), for any input shape, made
+    without running the pipeline: predict must handle every layout the same way."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(input_shape)), classes)).eval()
+    meta = {"class_names": [f"c{i}" for i in range(classes)], "input_shape": input_shape,
+            "normalization": {"scale": 1.0, "mean": [0.5] * input_shape[0], "std": [2.0] * input_shape[0]}}
+    torch.jit.save(torch.jit.script(model), str(path), _extra_files={"meta.json": json.dumps(meta)})
+    return path
+
+
+def own_predictions(model_path: Path, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.jit.load(str(model_path))((torch.from_numpy(x) - 0.5) / 2).argmax(1).numpy()
+
+
+@pytest.mark.parametrize(("input_shape", "given"), [
+    ([6], (6,)), ([6], (2, 3)),  # vectors: any sample shape of the right size, as prepare flattens
+    ([1, 12], (12,)), ([2, 6], (2, 6)), ([2, 6], (12,)),  # sequences: a missing channel, flat rows
+])
+def test_vector_and_sequence_models_take_arrays_and_csv(tmp_path, input_shape, given):
+    model = scripted_model(tmp_path / "m.pt", input_shape)
+    x = np.random.default_rng(0).normal(size=(16, *input_shape)).astype(np.float32)
+    expected = own_predictions(model, x)
+    np.savez(tmp_path / "in.npz", x=x.reshape(16, *given))
+    assert np.array_equal(predict(model, tmp_path / "in.npz", out=tmp_path / "a.jsonl").argmax(1), expected)
+    if len(given) == 1:
+        with open(tmp_path / "in.csv", "w", newline="") as f:
+            csv.writer(f).writerows([[f"v{i}" for i in range(given[0])], *x.reshape(16, -1).tolist()])
+        assert np.array_equal(predict(model, tmp_path / "in.csv", out=tmp_path / "b.jsonl").argmax(1), expected)
+
+
+def test_images_given_to_a_vector_model_are_refused(tmp_path):
+    model = scripted_model(tmp_path / "m.pt", [6])
+    Image.new("L", (4, 4)).save(tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"a.png: images given, but m.pt takes vectors of shape \(6,\)"):
+        predict(model, tmp_path / "a.png")
+    np.savez(tmp_path / "bad.npz", x=np.zeros((2, 7)))
+    with pytest.raises(DataError, match=r"samples have shape \(7,\), but m.pt expects \(6,\)"):
+        predict(model, tmp_path / "bad.npz")

@@ -1,38 +1,55 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+import tasks.npyio
+from bench.prepare_large import write_dataset
 from tasks.errors import DataError
 from tasks.layout import Layout
+from tasks.npyio import NpyStream, NpzWriter
 from tasks.params import Split, parse_params
-from tasks.prepare import channel_stats, prepare, standardize, stratified_split, stratified_subset
-from tasks.sources import RawDataset, load_source, validate
+from tasks.prepare import (ChannelStats, prepare, split_fractions, standardize, stratified_split,
+                           stratified_subset)
+from tasks.sources import load_source
+
+from conftest import REPO
+
+THREE_WAY = split_fractions(Split(train=0.6, val=0.2, test=0.2), fixed_test=False)
 
 
 def test_builtin_mnist_is_the_real_5k_sample():
-    raw = load_source("builtin:mnist5k")
+    raw = load_source(parse_params({}).data, Path.cwd())
     assert raw.x.shape == (5000, 1, 28, 28) and raw.x.dtype == np.uint8
     assert np.bincount(raw.y).tolist() == [500] * 10
-    assert raw.x.max() == 255 and raw.scale == 255.0
+    assert raw.x.array.max() == 255 and raw.scale == 255.0
 
 
-def test_unknown_source_lists_the_known_ones():
-    with pytest.raises(DataError, match=r"data.source: unknown source 'mnist'.*builtin:mnist5k"):
-        load_source("mnist")
+def test_unknown_builtin_lists_the_known_ones():
+    data = parse_params({"data": {"source": "builtin:mnist"}}).data
+    known = r"\(known: builtin:digits, builtin:mnist5k\)"
+    with pytest.raises(DataError, match=rf"data.source: unknown source 'builtin:mnist' {known}"):
+        load_source(data, Path.cwd())
 
 
 def test_stratified_split_is_disjoint_complete_proportional_and_seeded():
     y = np.repeat(np.arange(4), [100, 50, 30, 20])
-    split = Split(train=0.6, val=0.2, test=0.2)
-    parts = stratified_split(y, split, seed=3, class_names=list("abcd"))
+    parts = stratified_split(y, THREE_WAY, seed=3, class_names=list("abcd"))
     joined = np.concatenate(list(parts.values()))
     assert np.array_equal(np.sort(joined), np.arange(len(y)))
     for name, fraction in (("val", 0.2), ("test", 0.2)):
         counts = np.bincount(y[parts[name]], minlength=4)
         assert np.array_equal(counts, np.round(np.bincount(y) * fraction))
-    again = stratified_split(y, split, seed=3, class_names=list("abcd"))
-    other = stratified_split(y, split, seed=4, class_names=list("abcd"))
+    again = stratified_split(y, THREE_WAY, seed=3, class_names=list("abcd"))
+    other = stratified_split(y, THREE_WAY, seed=4, class_names=list("abcd"))
     assert all(np.array_equal(parts[k], again[k]) for k in parts)
     assert not np.array_equal(parts["test"], other["test"])
 
@@ -40,7 +57,14 @@ def test_stratified_split_is_disjoint_complete_proportional_and_seeded():
 def test_split_refuses_a_class_too_small_for_it():
     y = np.array([0] * 50 + [1] * 2)
     with pytest.raises(DataError, match=r"class 'b' has 2 samples: too few for a 0.1 val fraction"):
-        stratified_split(y, Split(train=0.8, val=0.1, test=0.1), seed=0, class_names=["a", "b"])
+        stratified_split(y, split_fractions(Split(), fixed_test=False), seed=0, class_names=["a", "b"])
+
+
+def test_a_fixed_test_set_leaves_train_and_val_in_proportion():
+    fractions = split_fractions(Split(train=0.6, val=0.2, test=0.2), fixed_test=True)
+    assert fractions == pytest.approx({"train": 0.75, "val": 0.25})
+    parts = stratified_split(np.repeat(np.arange(2), 40), fractions, seed=0, class_names=["a", "b"])
+    assert {name: len(idx) for name, idx in parts.items()} == {"train": 60, "val": 20}
 
 
 def test_stratified_subset_keeps_class_shares():
@@ -50,11 +74,17 @@ def test_stratified_subset_keeps_class_shares():
     assert np.array_equal(keep, np.unique(keep))
 
 
-def test_standardize_uses_per_channel_statistics():
+def test_standardize_uses_per_channel_statistics_merged_over_chunks():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(64, 3, 4, 4)).astype(np.uint8)
     x[:, 2] = 7  # a constant channel must not divide by zero
-    mean, std = channel_stats(x.astype(np.float32) / 255)
+    stats = ChannelStats(3)
+    for chunk in (x[:5], x[5:40], x[40:]):  # uneven chunks
+        stats.add(chunk.astype(np.float32) / 255)
+    mean, std = stats.result()
+    unit = x.astype(np.float64) / 255
+    np.testing.assert_allclose(mean[:2], unit[:, :2].mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(std[:2], unit[:, :2].std(axis=(0, 2, 3)), rtol=1e-6)
     z = standardize(x, 255.0, mean, std)
     assert z.dtype == np.float32
     np.testing.assert_allclose(z[:, :2].mean(axis=(0, 2, 3)), 0, atol=1e-5)
@@ -62,19 +92,33 @@ def test_standardize_uses_per_channel_statistics():
     assert np.all(z[:, 2] == 0)
 
 
-@pytest.mark.parametrize(
-    ("x", "y", "message"),
-    [
-        (np.zeros((0, 1, 2, 2)), np.zeros(0, np.int64), "empty"),
-        (np.zeros((3, 1, 2, 2)), np.array([0, 1], np.int64), "3 samples but 2 labels"),
-        (np.array([[[[np.nan]]], [[[0.0]]]]), np.array([0, 1]), "sample 0 contains NaN or inf"),
-        (np.zeros((2, 1, 1, 1)), np.array([0, 5]), r"labels must lie in \[0, 1\]"),
-        (np.zeros((2, 1, 1, 1)), np.array([1, 1]), "only one class"),
-    ],
-)
-def test_validate_refuses_bad_datasets(x, y, message):
-    with pytest.raises(DataError, match=message):
-        validate(RawDataset(x, y, ["a", "b"], 1.0, "in-memory"))
+def test_stats_merge_stays_exact_far_from_zero():
+    """A large offset with a small spread: a running sum of squares would lose the spread."""
+    x = (1e4 + np.random.default_rng(0).normal(0, 1e-2, (10_000, 1))).astype(np.float32)
+    stats = ChannelStats(1)
+    for chunk in np.array_split(x, 37):
+        stats.add(chunk)
+    assert stats.result()[1][0] == pytest.approx(x.astype(np.float64).std(), rel=1e-5)
+
+
+def test_streamed_npz_matches_numpy_and_is_deterministic(tmp_path):
+    x = np.arange(24, dtype=np.int16).reshape(6, 2, 2)
+    for name in ("a.npz", "b.npz"):
+        with open(tmp_path / name, "wb") as f:
+            npz = NpzWriter(f)
+            with npz.member("x", x.shape, x.dtype) as rows:
+                rows.write(x[:4])
+                rows.write(x[4:])
+            npz.array("y", np.arange(6))
+            npz.close()
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as loaded:
+        assert np.array_equal(loaded["x"], x) and np.array_equal(loaded["y"], np.arange(6))
+    with zipfile.ZipFile(tmp_path / "a.npz") as archive:  # stored, and no clock in the bytes
+        assert {(i.compress_type, i.date_time) for i in archive.infolist()} == {
+            (zipfile.ZIP_STORED, (1980, 1, 1, 0, 0, 0))}
+    stream = NpyStream(tmp_path / "a.npz", "x")
+    assert stream.shape == (6, 2, 2) and [len(c) for c in stream.chunks(4)] == [4, 2]
 
 
 def test_prepare_writes_standardized_splits_from_training_statistics(tmp_path):
@@ -83,6 +127,7 @@ def test_prepare_writes_standardized_splits_from_training_statistics(tmp_path):
     meta = prepare(params.data, params.prepare, layout)
     assert meta["samples"] == {"train": 400, "val": 50, "test": 50}
     saved = json.loads((layout.prepared / "meta.json").read_text())
+    assert saved == meta and saved["layout"] == "images"
     assert saved["input_shape"] == [1, 28, 28] and saved["class_names"] == [str(d) for d in range(10)]
     with np.load(layout.prepared / "train.npz") as train, np.load(layout.prepared / "test.npz") as test:
         assert train["x"].dtype == np.float32 and train["y"].dtype == np.int64
@@ -93,3 +138,58 @@ def test_prepare_writes_standardized_splits_from_training_statistics(tmp_path):
     first = {p.name: p.read_bytes() for p in layout.prepared.iterdir()}
     prepare(params.data, params.prepare, layout)
     assert first == {p.name: p.read_bytes() for p in layout.prepared.iterdir()}
+
+
+def test_a_large_x_is_streamed_never_loaded_whole(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "d.npz", rows=3000, features=8)
+    loaded = []
+    real_load = NpyStream.load
+    monkeypatch.setattr(NpyStream, "load", lambda self: loaded.append(self.key) or real_load(self))
+    monkeypatch.setattr(tasks.npyio, "CHUNK_BYTES", 8 * 8 * 500)  # 500 rows a chunk
+    params = parse_params({"data": {"source": str(tmp_path / "d.npz")}})
+    meta = prepare(params.data, params.prepare, Layout(tmp_path))
+    assert loaded == ["y"] and sum(meta["samples"].values()) == 3000
+
+
+def _prepare_process(project: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "tasks.prepare"], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigkill_mid_write_leaves_the_previous_outputs(tmp_path):
+    project = tmp_path
+    small = parse_params({"data": {"source": "builtin:digits"}})
+    prepare(small.data, small.prepare, Layout(project))
+    before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
+
+    write_dataset(project / "data/raw/large.npz", rows=150_000, features=256)  # 154 MB
+    (project / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "data/raw/large.npz"}}))
+    process = _prepare_process(project)
+    staged = project / f"data/.prepared.{process.pid}.staged"
+    deadline = time.monotonic() + 60
+    while not (staged.is_dir() and any(p.stat().st_size > 1 << 20 for p in staged.iterdir())):
+        assert process.poll() is None, "prepare finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert staged.is_dir()  # killed mid-write, its half-written folder left behind
+
+    assert {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()} == before
+    rerun = _prepare_process(project)
+    _, err = rerun.communicate()
+    assert rerun.returncode == 0, err
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["prepared", "raw"]  # no leftovers
+    assert sum(json.loads((project / "data/prepared/meta.json").read_text())["samples"].values()) == 150_000
+
+
+def test_quick_large_data_benchmark(tmp_path):
+    out = tmp_path / "prepare_large.json"
+    done = subprocess.run([sys.executable, "-m", "bench.prepare_large", "--quick", "--scratch", str(tmp_path),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["rows"] == 20_000 and result["throughput_mb_s"] > 0 and result["peak_rss_mb"] > 0
+    assert "peak RSS / data size" in done.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["prepare_large.json"]  # the scratch project is gone

@@ -1,0 +1,120 @@
+"""prepare on a large .npz: throughput and peak memory (a benchmark, not a timed test).
+
+    python -m bench.prepare_large [--quick] [--rows N] [--features F] [--out bench/prepare_large.json]
+
+Stream-writes a dataset (default 1,000,000 x 256 float32 = 1.02 GB, plus int64 labels) into a
+scratch project in the temp folder, runs `python -m tasks.prepare` on it as a user would, and
+reports the source size over the wall time (MB/s) and the stage's peak resident memory, also as a
+multiple of the data size (the issue's bound is ~2x). `--quick` uses a tiny dataset, for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tasks.atomic import write_json
+from tasks.npyio import NpzWriter
+
+REPO = Path(__file__).resolve().parents[1]
+MB = 1e6
+CLASSES = 10
+
+
+def write_dataset(path: Path, rows: int, features: int, seed: int = 0) -> int:
+    """x (rows, features) float32 and y (rows,) int64, written chunk by chunk; returns the bytes
+    of x and y. Each class has its own mean, so the data is not pure noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, rows)
+    centres = rng.normal(0, 1, (CLASSES, features)).astype(np.float32)
+    step = max(1, (32 << 20) // (4 * features))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        npz = NpzWriter(f)
+        with npz.member("x", (rows, features), np.float32) as x:
+            for start in range(0, rows, step):
+                labels = y[start : start + step]
+                x.write(rng.standard_normal((len(labels), features), dtype=np.float32) + centres[labels])
+        npz.array("y", y)
+        npz.close()
+    return rows * features * 4 + y.nbytes
+
+
+def run_prepare(project: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=project, env=env, check=True)
+    return time.perf_counter() - start
+
+
+def measure(rows: int, features: int, scratch: Path) -> dict:
+    data_bytes = rows * features * 4 + rows * 8
+    # The source, the prepared copy of it and the test split's side file.
+    needed = 2.3 * data_bytes
+    free = shutil.disk_usage(scratch).free
+    if free < needed:
+        sys.exit(f"prepare_large: needs {needed / 1e9:.1f} GB free in {scratch}, has {free / 1e9:.1f} GB")
+    with tempfile.TemporaryDirectory(prefix="qatflow-bench-prepare-", dir=scratch) as tmp:
+        project = Path(tmp)
+        start = time.perf_counter()
+        write_dataset(project / "data/raw/large.npz", rows, features)
+        written = time.perf_counter() - start
+        (project / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "data/raw/large.npz"}}))
+        seconds = run_prepare(project)
+        # Linux reports ru_maxrss in KiB; the only child this process has waited for is prepare.
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        prepared = sum(p.stat().st_size for p in (project / "data/prepared").iterdir())
+    return {
+        "rows": rows, "features": features, "dtype": "float32",
+        "data_mb": round(data_bytes / MB, 1),
+        "prepared_mb": round(prepared / MB, 1),
+        "generate_s": round(written, 2),
+        "prepare_s": round(seconds, 2),
+        "throughput_mb_s": round(data_bytes / MB / seconds, 1),
+        "peak_rss_mb": round(peak / MB, 1),
+        "peak_rss_over_data": round(peak / data_bytes, 3),
+        "cpus": os.cpu_count(),
+        # Other work on the machine slows the figures down; this says how busy it was.
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def table(result: dict) -> str:
+    shape = f"{result['rows']:,} x {result['features']} float32 + int64 labels"
+    rows = [("source data", f"{result['data_mb']:,.1f} MB ({shape})"),
+            ("prepare wall time", f"{result['prepare_s']:.2f} s"),
+            ("throughput", f"{result['throughput_mb_s']:,.1f} MB/s of source data"),
+            ("peak RSS", f"{result['peak_rss_mb']:,.1f} MB"),
+            ("peak RSS / data size", f"{result['peak_rss_over_data']:.3f}")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.prepare_large", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny dataset (20,000 x 32), for tests")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where the scratch project goes (default: the temp folder)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "prepare_large.json")
+    args = parser.parse_args()
+    rows, features = (20_000, 32) if args.quick else (args.rows, args.features)
+    result = measure(rows, features, args.scratch)
+    print(table(result))
+    write_json(args.out, result)
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
