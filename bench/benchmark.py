@@ -39,7 +39,8 @@ from tasks.errors import QatflowError
 from tasks.evaluate import cpu_name, load_torchscript, time_model
 from tasks.figures import tradeoff_figure
 from tasks.layout import Layout
-from tasks.loop import fit, load_split, predict_logits, random_shift, seed_everything
+from tasks.augment import random_shift
+from tasks.loop import fit, load_split, predict_logits, seed_everything
 from tasks.model import build_model, load_checkpoint, model_config
 from tasks.params import load_params
 from tasks.train import make_optimizer, make_scheduler
@@ -143,7 +144,7 @@ def train_overhead(layout: Layout, params_path: Path, rounds: int = 5) -> dict:
     p = load_params(params_path).train
     meta = json.loads((layout.prepared / "meta.json").read_text())
     train, val = load_split(layout.prepared, "train"), load_split(layout.prepared, "val")
-    config = model_config(meta["input_shape"], len(meta["class_names"]), p.model.widths, p.model.dropout)
+    config = model_config(meta["layout"], meta["input_shape"], len(meta["class_names"]), p.model)
 
     def setup():  # the train stage's seeds, init, optimizer and scheduler, afresh for every run
         generator = seed_everything(p.seed, p.threads)

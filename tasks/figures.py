@@ -145,20 +145,36 @@ def reliability_figure(bins: Mapping[str, Mapping[str, np.ndarray]], ece: Mappin
     return fig
 
 
-def misclassified_figure(images: np.ndarray, titles: list[str], title: str) -> Figure:
-    """A grid of images (N,H,W) grey or (N,H,W,3) RGB, values in [0, 1], each with its caption."""
-    if len(images) == 0:
+def misclassified_figure(samples: np.ndarray, titles: list[str], title: str, layout: str) -> Figure:
+    """A grid of samples, each with its caption. `samples` is (N, *input_shape): images
+    (N, C, H, W) with values in [0, 1] (C = 1 grey, C = 3 RGB), sequences (N, C, L) drawn as one
+    line per channel, vectors (N, F) as one bar per feature. Signals and vectors share one value
+    axis, so their amplitudes compare across panels."""
+    if len(samples) == 0:
         fig = _figure(5, 2)
         fig.text(0.5, 0.5, "No misclassified test samples", ha="center", va="center", fontsize=14)
         fig.suptitle(title)
         return fig
-    cols = min(5, len(images))
-    rows = -(-len(images) // cols)
+    cols = min(5, len(samples))
+    rows = -(-len(samples) // cols)
     fig = _figure(2.1 * cols, 2.3 * rows + 0.5)
     fig.suptitle(title)
-    for ax, image, caption in zip(fig.subplots(rows, cols, squeeze=False).flat, images, titles):
-        ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    grid = fig.subplots(rows, cols, squeeze=False, sharey=layout != "images")
+    for ax, sample, caption in zip(grid.flat, samples, titles):
+        if layout == "images":
+            image = sample[0] if sample.shape[0] == 1 else sample.transpose(1, 2, 0)
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_axis_off()
+        elif layout == "sequences":
+            for channel in sample:
+                ax.plot(channel, lw=1)
+        else:
+            ax.bar(np.arange(len(sample)), sample, width=0.8, color="tab:blue")
+            ax.axhline(0, color="gray", lw=0.5)
+        if layout != "images":
+            ax.set_xticks([])
+            ax.tick_params(labelsize=7)
         ax.set_title(caption, fontsize=9)
-    for ax in fig.axes:
+    for ax in grid.flat[len(samples):]:
         ax.set_axis_off()
     return fig

@@ -1,65 +1,126 @@
-"""The classifier, defined once. Train builds it from params; later stages rebuild it from the
-config stored beside the weights, so they never depend on params they do not own."""
+"""The classifier families, defined once. Train resolves a config from the prepared data's layout
+and params; later stages rebuild the model from the config stored beside the weights, so they never
+depend on params they do not own.
+
+vectors (N, F) -> mlp, sequences (N, C, L) -> cnn1d, images (N, C, H, W) -> cnn2d. Each family is
+made of the patterns FX QAT fuses into int8 kernels: Linear-ReLU and Conv-BN-ReLU (1-D and 2-D).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from tasks.errors import ParamsError
+from tasks.params import ModelParams
 
-def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
-    # bias=False: BatchNorm's shift makes it redundant, and conv+bn+relu is the pattern FX QAT fuses.
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+FAMILY_OF_LAYOUT = {"vectors": "mlp", "sequences": "cnn1d", "images": "cnn2d"}
+READS = {  # the layouts each family can take; cnn1d reads a vector as a one-channel signal
+    "mlp": ("vectors", "sequences", "images"),
+    "cnn1d": ("vectors", "sequences"),
+    "cnn2d": ("images",),
+}
+DEFAULT_WIDTHS = {"mlp": [256, 128], "cnn1d": [32, 64, 128], "cnn2d": [32, 64, 128]}
+
+
+class MLP(nn.Module):
+    """Flatten, Linear-ReLU-dropout per hidden layer, then a linear classifier.
+
+    No BatchNorm: FX fuses Linear-BN but not Linear-BN-ReLU, so it would cost an unfused int8 op,
+    and standardized features train well without it.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, widths: list[int], dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in widths:
+            layers += [nn.Linear(in_features, width), nn.ReLU(), nn.Dropout(dropout)]
+            in_features = width
+        self.hidden = nn.Sequential(*layers)
+        self.classifier = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.hidden(x.flatten(1)))
 
 
 class ConvNet(nn.Module):
-    """VGG-style CNN: per stage conv-bn-relu (twice after the first stage), then 2x2 max-pool;
-    global average pooling and one linear layer on top.
+    """VGG-style CNN over signals (dims=1) or images (dims=2): per stage conv-bn-relu (once in the
+    first stage, `convs_per_stage` times after), then a 2x max-pool while the input is still at
+    least 2 long; global average pooling and one linear layer on top.
 
     Width is what makes int8 pay off on CPU: with 64/128-channel convolutions the quantized
     kernels run ~3x faster than fp32, while a 16/32-channel net gains nothing.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, widths: list[int], dropout: float):
+    def __init__(self, dims: int, input_shape: list[int], num_classes: int, widths: list[int],
+                 convs_per_stage: int, dropout: float):
         super().__init__()
+        conv, norm, pool, global_pool = (
+            (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d) if dims == 1
+            else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)
+        )
+        # A plain bool, decided here: FX tracing cannot branch on the input's shape.
+        self.add_channel = len(input_shape) == dims
+        c_in, *size = [1, *input_shape] if self.add_channel else input_shape
         layers: list[nn.Module] = []
-        c_in = in_channels
         for stage, width in enumerate(widths):
-            layers += conv_bn_relu(c_in, width)
-            if stage > 0:
-                layers += conv_bn_relu(width, width)
-            layers.append(nn.MaxPool2d(2))
-            c_in = width
+            for _ in range(1 if stage == 0 else convs_per_stage):
+                # bias=False: BatchNorm's shift makes it redundant.
+                layers += [conv(c_in, width, 3, padding=1, bias=False), norm(width), nn.ReLU()]
+                c_in = width
+            if min(size) >= 2:  # 8x8 digits or short signals would otherwise pool down to nothing
+                layers.append(pool(2))
+                size = [s // 2 for s in size]
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = global_pool(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.add_channel:
+            x = x.unsqueeze(1)
         x = self.pool(self.features(x)).flatten(1)
         return self.classifier(self.dropout(x))
 
 
-def model_config(input_shape: list[int], num_classes: int, widths: list[int], dropout: float) -> dict:
+def model_config(layout: str, input_shape: list[int], num_classes: int, model: ModelParams) -> dict:
+    """The plain-data description of the model train builds, stored in its checkpoint."""
+    family = FAMILY_OF_LAYOUT[layout] if model.family == "auto" else model.family
+    if layout not in READS[family]:
+        fits = [f for f, layouts in READS.items() if layout in layouts]
+        raise ParamsError(
+            f"train.model.family: {family} cannot read the prepared data, which is {layout} with "
+            f"sample shape {list(input_shape)} (data/prepared/meta.json); {family} needs "
+            f"{' or '.join(READS[family])}. Use auto or one of: {', '.join(fits)}"
+        )
     return {
+        "family": family,
         "input_shape": list(input_shape),
         "num_classes": num_classes,
-        "widths": list(widths),
-        "dropout": dropout,
+        "widths": list(model.widths or DEFAULT_WIDTHS[family]),
+        "convs_per_stage": model.convs_per_stage,
+        "dropout": model.dropout,
     }
 
 
-def build_model(config: dict[str, Any]) -> ConvNet:
-    return ConvNet(config["input_shape"][0], config["num_classes"], config["widths"], config["dropout"])
+def build_model(config: dict[str, Any]) -> nn.Module:
+    # Checkpoints from before the families existed hold a cnn2d config without these two keys.
+    family = config.get("family", "cnn2d")
+    if family == "mlp":
+        return MLP(math.prod(config["input_shape"]), config["num_classes"], config["widths"],
+                   config["dropout"])
+    return ConvNet(1 if family == "cnn1d" else 2, config["input_shape"], config["num_classes"],
+                   config["widths"], config.get("convs_per_stage", 2), config["dropout"])
 
 
 def save_checkpoint(f, model: nn.Module, config: dict[str, Any]) -> None:
     torch.save({"config": config, "state_dict": model.state_dict()}, f)
 
 
-def load_checkpoint(path) -> tuple[ConvNet, dict[str, Any]]:
+def load_checkpoint(path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the fp32 model from a train-stage checkpoint (weights only: no pickle of code)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(checkpoint["config"])
