@@ -30,7 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"data": {"max_samples": 1000}, "train": {"epochs": 3, "model": {"widths": [32, 64], "dropout": 0.1}},
         "qat": {"epochs": 2, "freeze_bn_epoch": 1, "freeze_observers_epoch": 1},
-        "evaluate": {"latency_repeats": 5, "max_accuracy_drop": 100.0}}
+        "export": {"max_accuracy_drop": 100.0}, "evaluate": {"latency_repeats": 5}}
 TRIVIAL_FLOW = """
 from prefect import flow, task
 @task

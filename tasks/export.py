@@ -3,8 +3,10 @@
 models/fp32.pt (trace -> freeze), models/int8.pt (QAT) and models/ptq_int8.pt (PTQ baseline)
 (trace -> freeze), and models/fp32.pt2 (torch.export, TorchScript's successor), each carrying meta.json (class names, input shape, normalization, quantization
 backend, torch version) as an extra file. A parity check runs every file in a fresh interpreter
-that never imports qatflow and compares it with the eager model; the files replace the previous
-ones only if all of them pass.
+that never imports qatflow and compares it with the eager model. Then the deployment gate: int8
+QAT (the exported file) may lose at most export.max_accuracy_drop percentage points of test
+accuracy against the eager fp32 model. The files and metrics/export.json replace the previous ones
+only if every check passes.
 
 fp32.pt is frozen but not passed through `torch.jit.optimize_for_inference`: its MKLDNN-prepacked
 weights do not survive `torch.jit.save` (loading fails with "required keyword attribute 'value' is
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.atomic import write_json, write_with
+from tasks.atomic import staged_outputs
 from tasks.cli import run_stage
 from tasks.errors import GateFailed
 from tasks.layout import Layout, project_layout
@@ -81,20 +82,23 @@ def exported_program_bytes(model: torch.nn.Module, example: torch.Tensor, meta: 
     return saved.getvalue()
 
 
-def run_isolated(model_path: Path, inputs_path: Path, workdir: Path) -> np.ndarray:
-    output = workdir / f"{model_path.stem}.logits.npz"
+def run_isolated(model_paths: list[Path], inputs_path: Path, workdir: Path) -> dict[Path, np.ndarray]:
+    """Each model's logits on the inputs, computed in one fresh `python -I` process."""
     # Its stderr is libtorch's deprecation chatter unless something fails; then it is the reason.
     run = subprocess.run(
-        [sys.executable, "-I", str(PARITY_SCRIPT), str(model_path), str(inputs_path), str(output)],
+        [sys.executable, "-I", str(PARITY_SCRIPT), str(inputs_path), str(workdir), *map(str, model_paths)],
         cwd=workdir, capture_output=True, text=True,
     )
     if run.returncode != 0:
         raise GateFailed(
-            f"{model_path.name} does not load or run outside qatflow (exit {run.returncode}):\n"
+            f"an exported model does not load or run outside qatflow (exit {run.returncode}):\n"
             + run.stderr.strip()[-2000:]
         )
-    with np.load(output, allow_pickle=False) as data:
-        return data["logits"]
+    logits = {}
+    for path in model_paths:
+        with np.load(workdir / f"{path.name}.logits.npz", allow_pickle=False) as data:
+            logits[path] = data["logits"]
+    return logits
 
 
 def parity(variant: str, reference: torch.Tensor, loaded: np.ndarray, params: ExportParams) -> dict:
@@ -117,8 +121,9 @@ def export(params: ExportParams, layout: Layout) -> dict:
     layout.require(layout.prepared / "meta.json", layout.train_model, qat_state, ptq_state)
     prepared_meta = json.loads((layout.prepared / "meta.json").read_text())
     with np.load(layout.prepared / "test.npz", allow_pickle=False) as test:
-        x = torch.from_numpy(test["x"][: params.parity_samples])
+        x_test, y_test = torch.from_numpy(test["x"]), torch.from_numpy(test["y"])
         x_raw = test["x_raw"][: params.parity_samples]
+    x = x_test[: params.parity_samples]
     fp32, config = load_checkpoint(layout.train_model)
     int8, int8_info = load_int8(qat_state)
     ptq, ptq_info = load_int8(ptq_state)
@@ -131,12 +136,12 @@ def export(params: ExportParams, layout: Layout) -> dict:
         "ptq": (ptq, layout.ptq_ts, ptq_info["backend"]),
     }
     report: dict = {}
-    layout.fp32_ts.parent.mkdir(parents=True, exist_ok=True)
-    # Stage everything beside the destinations; nothing replaces a previous model unless every
-    # file passes its parity check.
-    with tempfile.TemporaryDirectory(dir=layout.fp32_ts.parent, prefix=".export-") as tmp:
-        staging = Path(tmp)
-        inputs = staging / "inputs.npz"
+    payloads: dict[str, bytes] = {}
+    # The parity check runs on copies in a scratch folder: nothing reaches models/ unless every
+    # file passes it and the gate.
+    with tempfile.TemporaryDirectory(prefix="qatflow-export-") as tmp:
+        workdir = Path(tmp)
+        inputs = workdir / "inputs.npz"
         np.savez(inputs, x_raw=x_raw)
         for name, (module, destination, backend) in variants.items():
             meta = {
@@ -148,35 +153,59 @@ def export(params: ExportParams, layout: Layout) -> dict:
                 "torch_version": torch.__version__,
                 "model": config,
             }
-            staged = staging / destination.name
             if destination.suffix == ".pt2":
                 # Two samples (a size-1 example would pin the batch dim to 1), cloned: the program
                 # stores its example, and a view would drag the whole test split along.
-                payload = exported_program_bytes(module, x[:2].clone(), meta)
+                payloads[name] = exported_program_bytes(module, x[:2].clone(), meta)
             else:
-                payload = torchscript_bytes(to_torchscript(module, x[:1]), meta)
-            write_with(staged, lambda f, b=payload: f.write(b))
-            report[name] = parity(name, predict_logits(module, x), run_isolated(staged, inputs, staging), params)
-            report[name]["size_bytes"] = staged.stat().st_size
+                payloads[name] = torchscript_bytes(to_torchscript(module, x[:1]), meta)
+            (workdir / destination.name).write_bytes(payloads[name])
+        loaded = run_isolated([workdir / d.name for _, d, _ in variants.values()], inputs, workdir)
+        for name, (module, destination, _) in variants.items():
+            report[name] = parity(name, predict_logits(module, x), loaded[workdir / destination.name], params)
+            report[name]["size_bytes"] = len(payloads[name])
 
-        failed = {name: r for name, r in report.items() if not r["passed"]}
-        if failed:
-            details = "; ".join(
-                f"{name}: max |diff| {r['max_abs_diff']:g}, argmax agreement {r['argmax_agreement']:.4f}"
-                for name, r in failed.items()
-            )
-            raise GateFailed(f"parity check failed ({details}); previous models left in place")
+    failed = {name: r for name, r in report.items() if not r["passed"]}
+    if failed:
+        details = "; ".join(
+            f"{name}: max |diff| {r['max_abs_diff']:g}, argmax agreement {r['argmax_agreement']:.4f}"
+            for name, r in failed.items()
+        )
+        raise GateFailed(f"parity check failed ({details}); previous models left in place")
+    report["gate"] = accuracy_gate(fp32, payloads["int8"], x_test, y_test, params)
+
+    with staged_outputs() as out:
         for name, (_, destination, _) in variants.items():
-            os.replace(staging / destination.name, destination)
-    write_json(layout.metrics("export"), report)
+            out.write_with(destination, lambda f, b=payloads[name]: f.write(b))
+        out.write_json(layout.metrics("export"), report)
 
-    sizes = ", ".join(f"{name} {r['size_bytes'] / 1024:.0f} KiB" for name, r in report.items())
-    print(f"export: parity passed for {', '.join(report)} ({sizes})")
+    sizes = ", ".join(f"{name} {report[name]['size_bytes'] / 1024:.0f} KiB" for name in variants)
+    print(f"export: parity passed for {', '.join(variants)} ({sizes}); int8 accuracy drop "
+          f"{report['gate']['accuracy_drop']:g} pp (limit {params.max_accuracy_drop:g})")
     return report
 
 
+def accuracy_gate(fp32: torch.nn.Module, int8_file: bytes, x: torch.Tensor, y: torch.Tensor,
+                  params: ExportParams) -> dict:
+    """Test accuracy of the eager fp32 model against the int8 file about to be published, as
+    evaluate will measure them; GateFailed if int8 loses more than the limit."""
+    int8 = torch.jit.load(io.BytesIO(int8_file), map_location="cpu")
+    fp32_correct = int((predict_logits(fp32.eval(), x).argmax(1) == y).sum())
+    int8_correct = int((predict_logits(int8, x).argmax(1) == y).sum())
+    # From counts, so that a drop of exactly the limit compares equal to it.
+    drop = round(100 * (fp32_correct - int8_correct) / len(y), 4)
+    if drop > params.max_accuracy_drop:
+        raise GateFailed(
+            f"int8 test accuracy is {drop:g} pp below fp32 ({int8_correct / len(y):.2%} vs "
+            f"{fp32_correct / len(y):.2%}), over export.max_accuracy_drop = "
+            f"{params.max_accuracy_drop:g} pp; previous models and metrics left in place"
+        )
+    return {"accuracy_drop": drop, "max_accuracy_drop": params.max_accuracy_drop, "passed": True}
+
+
 def main(args) -> None:
-    """Export fp32 and int8 TorchScript models and parity-check them in a fresh process."""
+    """Export fp32 and int8 TorchScript models, parity-check them in a fresh process, and gate
+    deployment on the int8 model's test accuracy."""
     export(load_params(args.params).export, project_layout())
 
 

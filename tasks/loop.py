@@ -1,25 +1,28 @@
 """The training loop shared by train and qat: deterministic batches, augmentation, TensorBoard,
-a progress bar, and the per-epoch history DVC plots."""
+a progress bar, the per-epoch history DVC plots, and a resumable checkpoint after every epoch."""
 
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.atomic import write_text
+from tasks.atomic import write_with
+from tasks.augment import random_shift
 from tasks.figures import confusion_figure
 from tasks.scores import confusion_matrix
 
@@ -53,20 +56,6 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
-def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to `max_shift` pixels each way, filling with the edge pixels
-    (background for centred digits). One gather for the whole batch, no per-sample loop."""
-    if max_shift == 0 or x.ndim != 4:
-        return x
-    n, c, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
@@ -82,6 +71,45 @@ class EpochRecord:
     lr: float
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where fit saves its resumable state after every epoch, and what that state depends on:
+    a checkpoint whose fingerprint differs in any entry (params, data, code...) is not resumed."""
+
+    path: Path
+    fingerprint: dict[str, str]
+
+
+TASKS = Path(__file__).parent
+
+
+def files_digest(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of these files, folders expanded (hidden files left out)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file.name.startswith("."):
+                continue
+            digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(section: str, params: BaseModel, inputs: dict[str, list[Path]],
+                code: list[str]) -> dict[str, str]:
+    """What a stage's training depends on, one entry each, named so that a mismatch says what
+    changed: its params section, its input files, its code (tasks/<name>.py) and torch itself."""
+    return {
+        f"{section} params": hashlib.sha256(params.model_dump_json().encode()).hexdigest(),
+        **{name: files_digest(paths) for name, paths in inputs.items()},
+        f"code (tasks/{{{','.join(code)}}}.py)": files_digest([TASKS / f"{name}.py" for name in code]),
+        "torch version": str(torch.__version__),  # a TorchVersion would not load weights_only
+    }
+
+
 @dataclass
 class FitResult:
     history: list[EpochRecord]
@@ -89,6 +117,19 @@ class FitResult:
     best_state: dict[str, torch.Tensor]
     val_confusion: np.ndarray  # of the best model
     seconds: float
+
+
+@dataclass
+class FitState:
+    """What fit carries from one epoch to the next besides the modules' own state."""
+
+    best_state: dict[str, torch.Tensor]
+    history: list[EpochRecord] = field(default_factory=list)
+    best_accuracy: float = -1.0
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    best_confusion: np.ndarray | None = None
+    stopped: bool = False  # early stop: a resumed run has nothing left to train
 
 
 def fit(
@@ -107,20 +148,31 @@ def fit(
     label_smoothing: float = 0.0,
     patience: int | None = None,
     on_epoch_start: Callable[[nn.Module, int], None] | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> FitResult:
     """Train for `epochs` (fewer if validation accuracy stalls for `patience` epochs) and return
-    the history plus the best epoch's weights. The scheduler is stepped once per batch."""
+    the history plus the best epoch's weights. The scheduler is stepped once per batch.
+
+    With `checkpoint`, everything the next epoch depends on is saved after each one, and a run
+    that finds a checkpoint with the same fingerprint carries on after its last epoch, ending with
+    the weights an uninterrupted run would have. The caller removes it once its outputs are out.
+    """
     num_classes = int(torch.max(torch.cat([train.y, val.y]))) + 1
-    history: list[EpochRecord] = []
-    best = (-1.0, float("inf"))  # (val accuracy, -) higher accuracy wins, lower loss breaks ties
-    best_epoch, best_state, best_confusion = 0, copy.deepcopy(model.state_dict()), None
+    state = FitState(copy.deepcopy(model.state_dict()))
+    if checkpoint is not None:
+        state = resume(checkpoint, stage, model, optimizer, scheduler, generator) or state
+    if on_epoch_start:
+        # Replayed for the epochs a resumed run skips: what they set (frozen BatchNorm statistics,
+        # for one) is module state that a state_dict does not hold.
+        for epoch in range(len(state.history)):
+            on_epoch_start(model, epoch)
     steps_per_epoch = (len(train.y) + batch_size - 1) // batch_size
     start = time.perf_counter()
     columns = (TextColumn(f"{stage} epoch {{task.fields[epoch]}}"), BarColumn(),
                MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                TimeRemainingColumn())
     with Progress(*columns) as progress, deterministic_algorithms():
-        for epoch in range(epochs):
+        for epoch in range(len(state.history), epochs if not state.stopped else 0):
             if on_epoch_start:
                 on_epoch_start(model, epoch)
             model.train()
@@ -155,7 +207,7 @@ def fit(
                 val_accuracy=(val_pred == val.y).float().mean().item(),
                 lr=optimizer.param_groups[0]["lr"],
             )
-            history.append(record)
+            state.history.append(record)
             log_epoch(writer, model, record)
             progress.console.print(
                 f"{stage} epoch {record.epoch}/{epochs}: loss {record.train_loss:.4f} "
@@ -163,16 +215,78 @@ def fit(
                 f"acc {record.val_accuracy:.4f} | lr {record.lr:.2e}",
                 soft_wrap=True,
             )
-            if (record.val_accuracy, -record.val_loss) > (best[0], -best[1]):
-                best = (record.val_accuracy, record.val_loss)
-                best_epoch, best_state = record.epoch, copy.deepcopy(model.state_dict())
-                best_confusion = confusion_matrix(val.y.numpy(), val_pred.numpy(), num_classes)
-            elif patience is not None and record.epoch - best_epoch >= patience:
+            # Higher accuracy wins, lower loss breaks ties.
+            if (record.val_accuracy, -record.val_loss) > (state.best_accuracy, -state.best_loss):
+                state.best_accuracy, state.best_loss = record.val_accuracy, record.val_loss
+                state.best_epoch, state.best_state = record.epoch, copy.deepcopy(model.state_dict())
+                state.best_confusion = confusion_matrix(val.y.numpy(), val_pred.numpy(), num_classes)
+            elif patience is not None and record.epoch - state.best_epoch >= patience:
+                state.stopped = True
+            if checkpoint is not None:
+                save_resumable(checkpoint, state, model, optimizer, scheduler, generator)
+            if state.stopped:
                 progress.console.print(
                     f"{stage}: early stop, no val improvement for {patience} epochs", soft_wrap=True
                 )
                 break
-    return FitResult(history, best_epoch, best_state, best_confusion, time.perf_counter() - start)
+    return FitResult(state.history, state.best_epoch, state.best_state, state.best_confusion,
+                     time.perf_counter() - start)
+
+
+def save_resumable(checkpoint: Checkpointing, state: FitState, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator) -> None:
+    # Plain containers and tensors only, so that it loads with weights_only=True.
+    saved = {
+        "fingerprint": checkpoint.fingerprint,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+        "generator": generator.get_state(),  # shuffling and augmentation
+        "history": [asdict(record) for record in state.history],
+        "best": {
+            "accuracy": state.best_accuracy, "loss": state.best_loss, "epoch": state.best_epoch,
+            "state_dict": state.best_state, "confusion": torch.from_numpy(state.best_confusion),
+        },
+        "stopped": state.stopped,
+    }
+    write_with(checkpoint.path, lambda f: torch.save(saved, f))
+
+
+def resume(checkpoint: Checkpointing, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler, generator: torch.Generator) -> FitState | None:
+    """Load the checkpoint into the modules and return the loop's state, or None (saying why when
+    a checkpoint exists) to start from scratch."""
+    if not checkpoint.path.exists():
+        return None
+    try:
+        saved = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+        made_with = dict(saved["fingerprint"])
+    except Exception as exc:  # whatever is wrong with the file, starting over is safe
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"{stage}: ignoring {checkpoint.path.name}: unreadable ({reason}); starting over")
+        return None
+    changed = [key for key in sorted(checkpoint.fingerprint.keys() | made_with.keys())
+               if checkpoint.fingerprint.get(key) != made_with.get(key)]
+    if changed:
+        print(f"{stage}: ignoring {checkpoint.path.name}: made with other {', '.join(changed)}; "
+              "starting over")
+        return None
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    generator.set_state(saved["generator"])
+    best = saved["best"]
+    state = FitState(
+        best_state=best["state_dict"],
+        history=[EpochRecord(**record) for record in saved["history"]],
+        best_accuracy=best["accuracy"], best_loss=best["loss"], best_epoch=best["epoch"],
+        best_confusion=best["confusion"].numpy(), stopped=saved["stopped"],
+    )
+    print(f"{stage}: resuming from {checkpoint.path.name} after epoch {len(state.history)}")
+    return state
 
 
 def log_epoch(writer: SummaryWriter, model: nn.Module, record: EpochRecord) -> None:
@@ -196,10 +310,6 @@ def history_csv(history: list[EpochRecord]) -> str:
     for record in history:
         rows.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(record).items()})
     return out.getvalue()
-
-
-def write_history(path: Path, history: list[EpochRecord]) -> None:
-    write_text(path, history_csv(history))
 
 
 def log_run_summary(

@@ -5,7 +5,9 @@ Recipe: FX fuses conv/bn/relu and inserts fake-quant; fine-tune at a low LR; fre
 statistics, then observers, partway through; convert to real int8 kernels.
 
 Writes models/qat/{qat,ptq}_state.pt (prepared-model state_dicts that tasks.quantize.load_int8
-converts), metrics/qat.json and plots/qat/history.csv; TensorBoard logs go to runs/qat/<run>.
+converts), metrics/qat.json and plots/qat/history.csv, all together once it has finished;
+TensorBoard logs go to runs/qat/<run>. Like train, it resumes a killed run from the checkpoint it
+saves after every epoch (models/qat_checkpoint.pt, removed once the outputs are published).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import disable_observer
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.atomic import write_json, write_with
+from tasks.atomic import staged_outputs
 from tasks.cli import run_stage
 from tasks.layout import Layout, project_layout
-from tasks.loop import fit, load_split, log_run_summary, predict_logits, seed_everything, write_history
+from tasks.loop import (
+    Checkpointing, fingerprint, fit, history_csv, load_split, log_run_summary, predict_logits,
+    seed_everything,
+)
 from tasks.model import load_checkpoint
 from tasks.params import QatParams, load_params
 from tasks.quantize import convert, prepare, save_prepared
@@ -68,6 +73,9 @@ def qat(params: QatParams, layout: Layout) -> dict:
             batch_size=params.batch_size, optimizer=optimizer, scheduler=scheduler,
             generator=generator, writer=writer, label_smoothing=params.label_smoothing,
             on_epoch_start=freeze_on_schedule,
+            checkpoint=Checkpointing(layout.qat_checkpoint, fingerprint(
+                "qat", params, {"data": [layout.prepared], "trained model": [layout.train_model]},
+                ["qat", "quantize", "loop", "model", "augment"])),
         )
         # The recipe keeps the final weights: earlier epochs ran with observers still moving.
         metrics = {
@@ -84,10 +92,14 @@ def qat(params: QatParams, layout: Layout) -> dict:
         # A copy: tracing runs a forward pass, which would move observers that are not frozen yet.
         writer.add_graph(copy.deepcopy(model).eval(), example)
 
-    write_with(layout.qat_dir / "qat_state.pt", lambda f: save_prepared(f, model, config, "qat", params.backend))
-    write_with(layout.qat_dir / "ptq_state.pt", lambda f: save_prepared(f, ptq, config, "ptq", params.backend))
-    write_history(layout.plots("qat") / "history.csv", result.history)
-    write_json(layout.metrics("qat"), metrics)
+    with staged_outputs() as out:
+        models = out.path(layout.qat_dir, directory=True)
+        for kind, prepared in (("qat", model), ("ptq", ptq)):
+            with open(models / f"{kind}_state.pt", "wb") as f:
+                save_prepared(f, prepared, config, kind, params.backend)
+        out.write_text(layout.plots("qat") / "history.csv", history_csv(result.history))
+        out.write_json(layout.metrics("qat"), metrics)
+    layout.qat_checkpoint.unlink(missing_ok=True)
     print(
         f"qat: val accuracy fp32 {metrics['fp32_val_accuracy']:.4f}, ptq int8 "
         f"{metrics['ptq_val_accuracy']:.4f}, qat int8 {metrics['int8_val_accuracy']:.4f}, "

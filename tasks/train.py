@@ -1,7 +1,9 @@
 """Stage 2, train: fit the fp32 CNN with early stopping on validation accuracy.
 
 Writes models/train/fp32_state.pt (best epoch's weights + model config), metrics/train.json and
-plots/train/history.csv; TensorBoard logs go to runs/train/<run>.
+plots/train/history.csv, all together once training has finished; TensorBoard logs go to
+runs/train/<run>. After every epoch it saves models/train/checkpoint.pt (not a DVC output), from
+which a killed run resumes; the checkpoint is removed once the outputs are published.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import json
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.atomic import write_json, write_with
+from tasks.atomic import staged_outputs
 from tasks.cli import run_stage
 from tasks.layout import Layout, project_layout
-from tasks.loop import fit, load_split, log_run_summary, seed_everything, write_history
+from tasks.loop import (
+    Checkpointing, fingerprint, fit, history_csv, load_split, log_run_summary, seed_everything,
+)
 from tasks.model import build_model, model_config, save_checkpoint
 from tasks.params import TrainParams, load_params
 
@@ -42,9 +46,7 @@ def train(params: TrainParams, layout: Layout) -> dict:
     generator = seed_everything(params.seed, params.threads)
     meta = json.loads((layout.prepared / "meta.json").read_text())
     train_set, val_set = load_split(layout.prepared, "train"), load_split(layout.prepared, "val")
-    config = model_config(
-        meta["input_shape"], len(meta["class_names"]), params.model.widths, params.model.dropout
-    )
+    config = model_config(meta["layout"], meta["input_shape"], len(meta["class_names"]), params.model)
     model = build_model(config)
     optimizer = make_optimizer(params, model)
     steps_per_epoch = -(-len(train_set.y) // params.batch_size)
@@ -57,6 +59,8 @@ def train(params: TrainParams, layout: Layout) -> dict:
             batch_size=params.batch_size, optimizer=optimizer, scheduler=scheduler,
             generator=generator, writer=writer, augment_shift=params.augment_shift,
             label_smoothing=params.label_smoothing, patience=params.patience,
+            checkpoint=Checkpointing(layout.train_checkpoint, fingerprint(
+                "train", params, {"data": [layout.prepared]}, ["train", "loop", "model", "augment"])),
         )
         best = result.history[result.best_epoch - 1]
         metrics = {
@@ -67,16 +71,19 @@ def train(params: TrainParams, layout: Layout) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()),
         }
         hparams = params.model_dump(exclude={"model"}) | {
-            "widths": str(params.model.widths), "dropout": params.model.dropout,
+            "family": config["family"], "widths": str(config["widths"]),
+            "convs_per_stage": config["convs_per_stage"], "dropout": config["dropout"],
         }
         log_run_summary(
             writer, result, meta["class_names"], hparams, metrics, "train: validation, best epoch"
         )
 
     model.load_state_dict(result.best_state)
-    write_with(layout.train_model, lambda f: save_checkpoint(f, model, config))
-    write_history(layout.plots("train") / "history.csv", result.history)
-    write_json(layout.metrics("train"), metrics)
+    with staged_outputs() as out:
+        out.write_with(layout.train_model, lambda f: save_checkpoint(f, model, config))
+        out.write_text(layout.plots("train") / "history.csv", history_csv(result.history))
+        out.write_json(layout.metrics("train"), metrics)
+    layout.train_checkpoint.unlink(missing_ok=True)
     print(
         f"train: best epoch {result.best_epoch}/{len(result.history)}, val accuracy "
         f"{best.val_accuracy:.4f}, {result.seconds:.1f}s"

@@ -29,8 +29,8 @@ TINY_PARAMS = {
     "prepare": {"seed": 0, "split": {"train": 0.7, "val": 0.15, "test": 0.15}},
     "train": {"epochs": 3, "batch_size": 32, "lr": 0.01, "patience": 5, "model": {"widths": [32, 64], "dropout": 0.1}},
     "qat": {"epochs": 2, "freeze_bn_epoch": 1, "freeze_observers_epoch": 1, "ptq_calibration_batches": 4},
-    "export": {"parity_samples": 40},
-    "evaluate": {"latency_repeats": 3, "misclassified_shown": 9, "max_accuracy_drop": 100.0},
+    "export": {"parity_samples": 40, "max_accuracy_drop": 100.0},
+    "evaluate": {"latency_repeats": 3, "misclassified_shown": 9},
 }
 
 
@@ -61,6 +61,9 @@ def init_tiny_project(root: Path) -> dict:
     shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
+    # prepare depends on data/raw (where users put their own data); the builtin source needs none.
+    (root / "data" / "raw").mkdir(parents=True)
+    shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw" / "README.md")
     write_params(root / "params.yaml", TINY_PARAMS)
     env = {
         **os.environ,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import shutil
 
@@ -18,18 +19,17 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from tasks import figures
 from tasks.atomic import write_with
-from tasks.errors import GateFailed
+from tasks.errors import DataError
 from tasks.evaluate import VARIANTS, evaluate
 from tasks.scores import calibration, class_scores, confusion_matrix
 from tasks.layout import Layout
 from tasks.model import build_model, model_config, save_checkpoint
-from tasks.params import EvaluateParams
+from tasks.params import EvaluateParams, ModelParams
 
 CLASSES = ["top-left", "top-right", "bottom"]  # where the bright patch is
 SHAPE = [1, 28, 28]
 PNGS = ["training_curves", "confusion_int8", "per_class_accuracy", "reliability", "misclassified"]
-FAST = EvaluateParams(threads=1, latency_batch_sizes=[1, 8], latency_repeats=3,
-                      max_accuracy_drop=100.0, misclassified_shown=6)
+FAST = EvaluateParams(threads=1, latency_batch_sizes=[1, 8], latency_repeats=3, misclassified_shown=6)
 
 
 def synthetic_data(n: int = 60) -> tuple[np.ndarray, np.ndarray]:
@@ -77,11 +77,12 @@ def project(tmp_path_factory):
     layout.prepared.mkdir(parents=True)
     np.savez(layout.prepared / "test.npz", x=x, y=y, x_raw=x_raw)
     (layout.prepared / "meta.json").write_text(
-        json.dumps({"class_names": CLASSES, "input_shape": SHAPE, "normalization": norm})
+        json.dumps({"layout": "images", "class_names": CLASSES, "input_shape": SHAPE,
+                    "normalization": norm})
     )
 
     torch.manual_seed(0)
-    config = model_config(SHAPE, len(CLASSES), [8, 16], 0.0)
+    config = model_config("images", SHAPE, len(CLASSES), ModelParams(widths=[8, 16], dropout=0.0))
     untrained, model = build_model(config), build_model(config)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -114,7 +115,7 @@ def test_evaluate_writes_sane_and_reproducible_outputs(project):
     saved = json.loads(layout.metrics("evaluate").read_text())
     assert saved == metrics
     for variant in VARIANTS:
-        assert set(saved[variant]) == {"accuracy", "macro_f1", "ece", "size_bytes"}
+        assert set(saved[variant]) == {"accuracy", "macro_f1", "ece", "size_bytes", "sha256"}
         assert 0 <= saved[variant]["accuracy"] <= 1 and 0 <= saved[variant]["macro_f1"] <= 1
         assert saved[variant]["size_bytes"] > 0
     assert saved["fp32"]["accuracy"] > 0.8  # the fixture model did learn
@@ -122,7 +123,11 @@ def test_evaluate_writes_sane_and_reproducible_outputs(project):
     assert saved["size_ratio"] > 1
     assert saved["accuracy_drop"] == pytest.approx(
         100 * (saved["fp32"]["accuracy"] - saved["int8"]["accuracy"]), abs=1e-3)
-    assert saved["gate"] == {"passed": True, "max_accuracy_drop": 100.0}
+    assert "gate" not in saved  # export's: a model that fails it never gets here
+    files = {"fp32": layout.train_model, "fp32_ts": layout.fp32_ts, "ptq": layout.ptq_ts,
+             "int8": layout.int8_ts}
+    for variant, path in files.items():
+        assert saved[variant]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(), variant
 
     latency = json.loads(layout.latency.read_text())
     for variant in VARIANTS:
@@ -161,28 +166,30 @@ def test_evaluate_on_the_real_pipeline_outputs(tiny_workspace):
     metrics = evaluate(params.evaluate, layout)
     assert metrics["int8"]["size_bytes"] < metrics["fp32_ts"]["size_bytes"]
     assert metrics["fp32"]["accuracy"] == metrics["fp32_ts"]["accuracy"]
-    assert metrics["gate"]["passed"]
+    export_report = json.loads(layout.metrics("export").read_text())
+    # Export gated on the same files and counts, so it saw the same drop.
+    assert export_report["gate"]["accuracy_drop"] == metrics["accuracy_drop"]
     test_size = json.loads((layout.prepared / "meta.json").read_text())["samples"]["test"]
     assert len(read_csv(layout.plots("evaluate") / "confusion.csv")) == test_size == metrics["test_samples"]
     assert sorted(p.name for p in layout.plots("evaluate").glob("*.png")) == sorted(f"{n}.png" for n in PNGS)
 
 
-def test_gate_fails_when_int8_loses_accuracy(project, tmp_path):
-    layout, untrained_int8, x = project
+def test_a_failing_evaluate_leaves_the_previous_metrics_and_plots(project, tmp_path):
+    layout, _, _ = project
     failing = Layout(tmp_path / "failing")
     shutil.copytree(layout.root, failing.root)
-    # An int8 model from other (untrained) weights: far less accurate than the trained fp32 one.
-    save_torchscript(failing.int8_ts, untrained_int8, x,
-                     {"class_names": CLASSES, "backend": "x86"})
-    params = FAST.model_copy(update={"max_accuracy_drop": 0.0})
+    evaluate(FAST, failing)
+    outputs = [failing.metrics("evaluate"), failing.latency, failing.plots("latency") / "tradeoff.png",
+               *failing.plots("evaluate").iterdir()]
+    before = {path: path.read_bytes() for path in outputs}
+    failing.int8_ts.write_bytes(failing.int8_ts.read_bytes()[:1000])  # truncated, say by a full disk
 
-    with pytest.raises(GateFailed, match=r"pp below fp32.*max_accuracy_drop = 0 pp"):
-        evaluate(params, failing)
+    with pytest.raises(DataError, match="int8.pt: not a TorchScript file"):
+        evaluate(FAST, failing)
 
-    saved = json.loads(failing.metrics("evaluate").read_text())
-    assert saved["accuracy_drop"] > 0
-    assert saved["gate"] == {"passed": False, "max_accuracy_drop": 0.0}
-    assert (failing.plots("evaluate") / "misclassified.png").stat().st_size > 0
+    assert {path: path.read_bytes() for path in outputs} == before
+    assert sorted(failing.plots("evaluate").iterdir()) == sorted(p for p in outputs if p.parent.name == "evaluate")
+    assert not [p.name for p in failing.root.rglob(".*") if p.name.endswith((".staged", ".old"))]
 
 
 def test_class_scores_and_calibration_match_hand_computation():
@@ -205,7 +212,7 @@ def test_class_scores_and_calibration_match_hand_computation():
 
 
 def test_figures_handle_edge_cases():
-    empty = figures.misclassified_figure(np.zeros((0, 28, 28)), [], "none wrong")
+    empty = figures.misclassified_figure(np.zeros((0, 1, 28, 28)), [], "none wrong", "images")
     assert isinstance(empty, Figure) and empty.texts
     fig = figures.confusion_figure(np.array([[3, 1], [0, 4]]), ["a", "b"], "title")
     assert [t.get_text() for t in fig.axes[0].texts] == ["3", "1", "0", "4"]

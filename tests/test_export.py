@@ -69,16 +69,20 @@ def test_export_report_records_parity(tiny_workspace):
     assert report["fp32"]["allclose"] and report["fp32"]["max_abs_diff"] <= params.export.fp32_tolerance
     assert report["int8"]["argmax_agreement"] >= params.export.int8_min_agreement
     assert report["int8"]["size_bytes"] == layout.int8_ts.stat().st_size
+    gate = report["gate"]
+    assert gate["passed"] is True and gate["max_accuracy_drop"] == params.export.max_accuracy_drop
+    assert gate["accuracy_drop"] <= gate["max_accuracy_drop"]
 
 
 def test_failed_parity_keeps_previous_models(tiny_workspace):
     layout, params = tiny_workspace
-    before = {p: p.read_bytes() for p in (layout.fp32_ts, layout.int8_ts, layout.ptq_ts)}
+    kept = (layout.fp32_ts, layout.fp32_pt2, layout.int8_ts, layout.ptq_ts, layout.metrics("export"))
+    before = {p: p.read_bytes() for p in kept}
     impossible = params.export.model_copy(update={"fp32_tolerance": 1e-30})
     with pytest.raises(GateFailed, match="parity check failed.*previous models left in place"):
         export(impossible, layout)
     assert before == {p: p.read_bytes() for p in before}
-    assert not list(layout.fp32_ts.parent.glob(".export-*"))
+    assert not [p for p in layout.root.rglob(".*") if p.name.endswith(".staged")]
 
 
 def test_fp32_exported_program_matches_torchscript_with_any_batch(tiny_workspace):
