@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup run test flow server serve deploy worker cpp bench bench-orchestration tensorboard plots clean
+.PHONY: setup run test flow server serve deploy worker cpp bench bench-orchestration bench-prepare bench-families tensorboard plots clean
 .DEFAULT_GOAL := run
 
 $(VENV)/.installed: pyproject.toml
@@ -72,6 +72,14 @@ bench: cpp
 # Prefect flow vs dvc repro on the same work (minutes; BENCH_ARGS=--tiny for seconds).
 bench-orchestration: setup
 	$(BIN)/python -m bench.orchestration $(BENCH_ARGS)
+
+# prepare on a generated ~1 GB .npz: throughput and peak memory (BENCH_ARGS=--quick for seconds).
+bench-prepare: setup
+	$(BIN)/python -m bench.prepare_large $(BENCH_ARGS)
+
+# Test accuracy of each model family on real data (digits, a tabular CSV, sequences) -> bench/families.json.
+bench-families: setup
+	$(BIN)/python -m bench.families $(BENCH_ARGS)
 
 tensorboard: setup
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1
