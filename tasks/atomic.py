@@ -113,6 +113,12 @@ class StagedOutputs:
         for destination, staged in self._staged.items():
             if not staged.exists():
                 raise FileNotFoundError(f"{destination}: staged but never written")
+            if staged.is_dir():
+                # Stages write plain files inside a staged folder; make them durable before the
+                # rename publishes them, or a power cut could publish empty files.
+                for path in (p for p in staged.rglob("*") if p.is_file()):
+                    _fsync_file(path)
+                _fsync_dir(staged)
         for destination, staged in self._staged.items():
             if staged.is_dir() and destination.is_dir():
                 # A directory cannot be renamed over a non-empty one: swap via a side name.
@@ -178,6 +184,11 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
