@@ -13,7 +13,6 @@ is written. Built-in, CSV and image sources take the same path, from memory.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -234,8 +233,6 @@ def _split_file(folder: Path, part: Part, shape: tuple[int, ...],
             npz.copy_npy("x_raw", side)
             side.unlink()
         npz.close()
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_splits(folder: Path, parts: list[Part], shape: tuple[int, ...], scale: float,
@@ -268,11 +265,8 @@ def prepare(data: DataParams, params: PrepareParams, layout: Layout) -> dict:
     with staged_outputs() as out:
         folder = out.path(layout.prepared, directory=True)
         write_splits(folder, parts, shape, scale, mean, std)
-        with open(folder / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # Publishing the staged folder fsyncs every file in it.
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -68,8 +68,8 @@ def read_csv(path: Path, label_column: str, require_labels: bool) -> CsvTable:
     labels = None
     if label_column in header:
         labels = [cell.strip() for cell in cells[:, header.index(label_column)]]
-    return CsvTable(_numbers(cells[:, keep], path, [header[i] for i in keep]), labels,
-                    [header[i] for i in keep])
+    columns = [header[i] for i in keep]
+    return CsvTable(_numbers(cells[:, keep], path, columns), labels, columns)
 
 
 def _numbers(cells: np.ndarray, path: Path, columns: list[str]) -> np.ndarray:
@@ -136,9 +136,7 @@ def read_image_folder(path: Path, height: int, width: int, channels: int) -> Ima
                         "named after the class")
     files, labels = [], []
     for label, folder in enumerate(classes):
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise DataError(f"{folder}: no PNG or JPEG images in this class folder")
+        found = image_files(folder)
         files += found
         labels += [label] * len(found)
     return ImageFolder(read_images(files, height, width, channels), np.array(labels, np.int64),
