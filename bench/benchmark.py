@@ -2,8 +2,9 @@
 
     python -m bench.benchmark [--quick] [--root DIR] [--out DIR] [--runner PATH] [--threads 1,2]
 
-Per thread count: latency (median, p90) at batch 1 and 64 of fp32 eager, fp32 TorchScript +
-optimize_for_inference (the fair fp32 baseline), int8 PTQ, int8 QAT and the C++ runner; sizes, test
+Per thread count: latency (median, p90) at batch 1 and 64 of every variant in tasks/variants.py
+(fp32 TorchScript timed after optimize_for_inference, the fair fp32 baseline) and of the C++ runner
+on every TorchScript file; sizes, test
 accuracy, the training loop's overhead over bare PyTorch and a no-op `dvc repro`, against targets.
 Writes results.json and results.png to --out (default ROOT/bench). Other jobs share the machine and
 its speed drifts, so all variants take turns in rounds and each latency is a median over rounds.
@@ -34,41 +35,38 @@ from rich.table import Column, Table
 from torch.utils.tensorboard import SummaryWriter
 
 from tasks.atomic import write_json, write_with
-from tasks.deprecations import silence_torch_deprecations
-from tasks.errors import QatflowError
-from tasks.evaluate import cpu_name, load_torchscript, time_model
-from tasks.figures import tradeoff_figure
-from tasks.layout import Layout
 from tasks.augment import random_shift
-from tasks.loop import fit, load_split, predict_logits, seed_everything
-from tasks.model import build_model, load_checkpoint, model_config
+from tasks.checkpoint import TrainingState
+from tasks.contracts import read_prepared_meta
+from tasks.deprecations import silence_torch_deprecations
+from tasks.environment import cpu_name
+from tasks.errors import QatflowError
+from tasks.figures import tradeoff_figure
+from tasks.inference import predict_logits, time_calls
+from tasks.loop import FitConfig, fit, load_split, seed_everything
+from tasks.model import build_model, model_config
 from tasks.params import load_params
 from tasks.train import make_optimizer, make_scheduler
+from tasks.variants import BASELINE, DEPLOYED, REFERENCE, VARIANTS
+from tasks.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_SIZES = [1, 64]
-VARIANTS = {"fp32": "fp32 eager", "fp32_ts": "fp32 TS + optimize", "ptq": "int8 PTQ TS", "int8": "int8 QAT TS"}
-# The C++ runner loads the files as saved: fp32.pt is frozen, without optimize_for_inference.
-CPP = {"cpp_fp32": ("fp32_ts", "C++ fp32.pt, no opt."), "cpp_int8": ("int8", "C++ int8.pt")}
+# The C++ runner loads every TorchScript file as saved: fp32.pt without optimize_for_inference.
+CPP = {f"cpp_{name}": (name, f"C++ {Path(v.file).name}") for name, v in VARIANTS.items()
+       if v.runtime == "torchscript"}
 TARGETS = {"int8_vs_fp32ts_bs1": (2.0, "min"), "int8_vs_fp32ts_bs64": (3.0, "min"), "size_ratio": (3.7, "min"),
            "accuracy_drop_pp": (0.3, "max"), "train_overhead": (1.10, "max"), "noop_repro_s": (1.5, "max")}
 
 
-def load_variants(layout: Layout) -> tuple[dict, dict, torch.Tensor, np.ndarray]:
-    """Files, loaders (each call loads a fresh model), test inputs and labels."""
-    files = {"fp32": layout.train_model, "fp32_ts": layout.fp32_ts, "ptq": layout.ptq_ts, "int8": layout.int8_ts}
-    layout.require(layout.prepared / "test.npz", *files.values())
-    names = json.loads((layout.prepared / "meta.json").read_text())["class_names"]
-    with np.load(layout.prepared / "test.npz", allow_pickle=False) as test:
+def load_variants(workspace: Workspace) -> tuple[dict, torch.Tensor, np.ndarray]:
+    """Loaders (each call loads a fresh model, ready to serve), test inputs and labels."""
+    workspace.require(workspace.prepared / "test.npz", *(v.path(workspace) for v in VARIANTS.values()))
+    names = read_prepared_meta(workspace.prepared).class_names
+    with np.load(workspace.prepared / "test.npz", allow_pickle=False) as test:
         x, y = torch.from_numpy(test["x"]), test["y"]
-
-    def loader(key: str, path: Path):
-        if key == "fp32":
-            return lambda: load_checkpoint(path)[0]
-        if key == "fp32_ts":  # optimized in memory only: its output cannot be saved
-            return lambda: torch.jit.optimize_for_inference(load_torchscript(path, names))
-        return lambda: load_torchscript(path, names)
-    return files, {k: loader(k, f) for k, f in files.items()}, x, y
+    loaders = {name: (lambda v=v: v.load_for_serving(workspace, names)) for name, v in VARIANTS.items()}
+    return loaders, x, y
 
 
 def latency_worker(conn, root: str, threads: int, repeats: int) -> None:
@@ -77,9 +75,9 @@ def latency_worker(conn, root: str, threads: int, repeats: int) -> None:
     at another thread count or batch size can stay ~2x slower at int8 batch 1 (measured, torch 2.13)."""
     torch.set_num_threads(threads)
     silence_torch_deprecations()
-    _, loaders, x, _ = load_variants(Layout(Path(root)))
+    loaders, x, _ = load_variants(Workspace(Path(root)))
     while conn.recv():
-        conn.send({k: time_model(load, x, BATCH_SIZES, repeats) for k, load in loaders.items()})
+        conn.send({k: time_calls(load, x, BATCH_SIZES, repeats) for k, load in loaders.items()})
 
 
 def time_cpp(runner: Path, model: Path, inputs: Path, logits: Path, threads: int, repeats: int) -> dict:
@@ -136,34 +134,36 @@ def time_rounds(root: Path, cpp: dict, threads: list[int], rounds: int, repeats:
     return out
 
 
-def train_overhead(layout: Layout, params_path: Path, rounds: int = 5) -> dict:
+def train_overhead(workspace: Workspace, params_path: Path, rounds: int = 5) -> dict:
     """One epoch of tasks.loop.fit as the train stage runs it (TensorBoard writer, progress bar,
     deterministic mode, per-epoch validation, history, best-state copy) against a bare loop doing
     the same training *and* the same validation pass: fit validates every epoch, and leaving that
     out of the bare loop would book validation as pipeline overhead. ABBA order after a warm-up."""
     p = load_params(params_path).train
-    meta = json.loads((layout.prepared / "meta.json").read_text())
-    train, val = load_split(layout.prepared, "train"), load_split(layout.prepared, "val")
-    config = model_config(meta["layout"], meta["input_shape"], len(meta["class_names"]), p.model)
+    meta = read_prepared_meta(workspace.prepared)
+    train, val = load_split(workspace.prepared, "train"), load_split(workspace.prepared, "val")
+    config = model_config(meta.layout, meta.input_shape, len(meta.class_names), p.model)
+    one_epoch = FitConfig("bench", 1, p.batch_size, p.augment_shift, p.label_smoothing)
 
-    def setup():  # the train stage's seeds, init, optimizer and scheduler, afresh for every run
+    def setup() -> TrainingState:  # the train stage's seeds, init, optimizer and scheduler, afresh
         generator = seed_everything(p.seed, p.threads)
         model = build_model(config)
         optimizer = make_optimizer(p, model)
-        return model, optimizer, make_scheduler(p, optimizer, -(-len(train.y) // p.batch_size)), generator
+        return TrainingState(model, optimizer, make_scheduler(p, optimizer, -(-len(train.y) // p.batch_size)),
+                             generator)
 
     def pipeline() -> float:
-        model, optimizer, scheduler, generator = setup()
+        training = setup()
         with tempfile.TemporaryDirectory() as logdir, redirect_stdout(io.StringIO()):
             start = time.perf_counter()  # the writer's setup and final flush are the pipeline's too
             with SummaryWriter(logdir) as writer:
-                fit(model, train, val, stage="bench", epochs=1, batch_size=p.batch_size, optimizer=optimizer,
-                    scheduler=scheduler, generator=generator, writer=writer, augment_shift=p.augment_shift,
-                    label_smoothing=p.label_smoothing, patience=None)
+                fit(training, train, val, one_epoch, writer)
             return time.perf_counter() - start
 
     def bare() -> float:
-        model, optimizer, scheduler, generator = setup()
+        training = setup()
+        model, optimizer, scheduler, generator = (training.model, training.optimizer, training.scheduler,
+                                                  training.generator)
         start = time.perf_counter()
         model.train()
         order = torch.randperm(len(train.y), generator=generator)
@@ -220,8 +220,9 @@ def cpu_seconds() -> tuple[float, float]:
 
 
 def benchmark(root: Path, out: Path, runner: Path, threads: list[int], quick: bool) -> dict:
-    layout, start, (busy0, own0) = Layout(root), time.perf_counter(), cpu_seconds()
-    files, loaders, x, y = load_variants(layout)
+    workspace, start, (busy0, own0) = Workspace(root), time.perf_counter(), cpu_seconds()
+    loaders, x, y = load_variants(workspace)
+    files = {name: v.path(workspace) for name, v in VARIANTS.items()}
     correct = {k: int((predict_logits(load(), x).argmax(1).numpy() == y).sum()) for k, load in loaders.items()}
     rounds, repeats = (1, 5) if quick else (7, 30)
     with tempfile.TemporaryDirectory() as work:
@@ -232,7 +233,7 @@ def benchmark(root: Path, out: Path, runner: Path, threads: list[int], quick: bo
             print(f"C++ runner not built: run `make cpp` ({runner} is missing); its figures are null")
         latency = time_rounds(root, cpp, threads, rounds, repeats)
         correct |= {k: int((np.load(f).argmax(1) == y).sum()) for k, f in logits.items() if f.exists()}
-    overhead = None if quick else train_overhead(layout, root / "params.yaml")
+    overhead = None if quick else train_overhead(workspace, root / "params.yaml")
     repro_s, repro_note = noop_repro(root)
     # Other jobs skew timings, multi-threaded ones most (threads wait on descheduled peers): say how much.
     busy, own = cpu_seconds()
@@ -242,16 +243,16 @@ def benchmark(root: Path, out: Path, runner: Path, threads: list[int], quick: bo
         return {"label": label, "file": str(file.relative_to(root)), "size_bytes": file.stat().st_size,
                 "accuracy": round(correct[key] / len(y), 6) if key in correct else None, "latency_ms": latency[key]}
 
-    variants = {k: entry(k, label, files[k]) for k, label in VARIANTS.items()}
+    variants = {k: entry(k, v.label, files[k]) for k, v in VARIANTS.items()}
     cpp_variants = {k: entry(k, label, files[f]) for k, (f, label) in CPP.items()} if CPP.keys() <= latency.keys() else None
     at = f"threads_{max(threads)}"  # ratios at the most threads benchmarked: 2 by default, as evaluate's
-    speedup = {b: latency["fp32_ts"][at][f"batch_{b}"]["median_ms"] / latency["int8"][at][f"batch_{b}"]["median_ms"]
+    speedup = {b: latency[BASELINE][at][f"batch_{b}"]["median_ms"] / latency[DEPLOYED][at][f"batch_{b}"]["median_ms"]
                for b in BATCH_SIZES}
     figures = {
         "int8_vs_fp32ts_bs1": round(speedup[1], 3), "int8_vs_fp32ts_bs64": round(speedup[64], 3),
-        "size_ratio": round(variants["fp32_ts"]["size_bytes"] / variants["int8"]["size_bytes"], 3),
+        "size_ratio": round(variants[BASELINE]["size_bytes"] / variants[DEPLOYED]["size_bytes"], 3),
         # From counts, as evaluate does, so one test image is exactly 100/n pp.
-        "accuracy_drop_pp": round(100 * (correct["fp32"] - correct["int8"]) / len(y), 4),
+        "accuracy_drop_pp": round(100 * (correct[REFERENCE] - correct[DEPLOYED]) / len(y), 4),
         "train_overhead": overhead and overhead["ratio"], "noop_repro_s": repro_s,
     }
     results = {
@@ -299,7 +300,7 @@ def print_table(r: dict) -> None:
             table.add_row(v["label"], str(n), "-" if v["accuracy"] is None else f"{v['accuracy']:.2%}",
                           f"{v['size_bytes'] / 1024:.0f} KiB", *(f"{t[b][s]:.3f}" for b, s in stats))
         table.add_section()
-    console.print(table, "TS + optimize: frozen TorchScript + torch.jit.optimize_for_inference, the best fp32. "
+    console.print(table, "fp32 TorchScript: frozen + torch.jit.optimize_for_inference, the best fp32. "
                   + ("C++ runs fp32.pt as saved (no optimize_for_inference)." if r["cpp"] else
                      "No C++ figures: runner not built (`make cpp`) or failed."))
     targets = Table("figure", "value", "target", "result", title="targets", box=box.SIMPLE_HEAD,

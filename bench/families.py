@@ -14,9 +14,9 @@ Datasets, and the params each changes from the defaults (and why):
   wine          scikit-learn's 178-row, 13-feature table as CSV with string labels -> mlp. As above;
                 its 36 test rows still make one mistake worth 2.8 pp.
   waveforms     synthetic signals (sine, square, triangle, sawtooth at a random frequency and phase,
-                with Gaussian noise of 0.3) as an .npz of (N, 128) arrays, data.layout
-                sequences -> cnn1d. augment_shift 8 along time; a linear model has no answer to
-                the random phase.
+                with Gaussian noise of 0.3) as an .npz of (N, 128) arrays, which data.layout auto
+                reads as sequences -> cnn1d. augment_shift 8 along time; a linear model has no
+                answer to the random phase.
 All datasets set patience to their epoch count, so the one-cycle schedule runs to its end: with
 the default patience of 6, a small validation split that reaches its best score early (digits'
 180 images hit 100% by epoch 7) stops training while the learning rate is still near its peak.
@@ -43,11 +43,11 @@ from rich.table import Table
 
 from tasks.evaluate import cpu_name, evaluate
 from tasks.export import export
-from tasks.layout import Layout
 from tasks.params import parse_params
 from tasks.prepare import prepare
 from tasks.qat import qat
 from tasks.train import train
+from tasks.workspace import Workspace
 
 RESULTS = Path(__file__).with_name("families.json")
 COMMON = {
@@ -104,7 +104,7 @@ def cases() -> list[Case]:
         Case("breast_cancer", sklearn_table_csv(load_breast_cancer, False), TABULAR),
         Case("wine", sklearn_table_csv(load_wine, True), TABULAR),
         Case("waveforms", waveforms,
-             {"data": {"layout": "sequences"}, "train": {"augment_shift": 8, "patience": 20}}),
+             {"train": {"augment_shift": 8, "patience": 20}}),
     ]
 
 
@@ -135,23 +135,23 @@ def linear_baseline(prepared: Path) -> dict:
 
 def run_case(case: Case) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"qatflow-{case.name}-") as tmp:
-        layout = Layout(Path(tmp))
-        raw = layout.root / "data" / "raw"
+        workspace = Workspace(Path(tmp))
+        raw = workspace.root / "data" / "raw"
         raw.mkdir(parents=True)
         overrides = merged(COMMON, {"data": {"source": case.write_source(raw)}}, case.params)
         params = parse_params(overrides)
         start = time.perf_counter()
-        meta = prepare(params.data, params.prepare, layout)
-        trained = train(params.train, layout)
-        qat(params.qat, layout)
-        export(params.export, layout)
-        metrics = evaluate(params.evaluate, layout)
+        meta = prepare(params.data, params.prepare, workspace)
+        trained = train(params.train, workspace)
+        qat(params.qat, workspace)
+        export(params.export, workspace)
+        metrics = evaluate(params.evaluate, workspace)
         seconds = time.perf_counter() - start
-        config = torch.load(layout.train_model, weights_only=True)["config"]
-        baseline = linear_baseline(layout.prepared)
+        config = torch.load(workspace.train_model, weights_only=True)["config"]
+        baseline = linear_baseline(workspace.prepared)
     return {
-        "dataset": case.name, "source": params.data.source, "layout": meta["layout"],
-        "input_shape": meta["input_shape"], "samples": meta["samples"],
+        "dataset": case.name, "source": params.data.source, "layout": meta.layout,
+        "input_shape": meta.input_shape, "samples": meta.samples,
         "family": config["family"], "widths": config["widths"], "parameters": trained["parameters"],
         "fp32_accuracy": metrics["fp32"]["accuracy"], "int8_accuracy": metrics["int8"]["accuracy"],
         "ptq_accuracy": metrics["ptq"]["accuracy"], "accuracy_drop_pp": metrics["accuracy_drop"],

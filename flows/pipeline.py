@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -52,32 +52,26 @@ def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
 def workspace_lock(root: Path, timeout_s: float) -> Iterator[None]:
     """One pipeline run per workspace at a time. DVC's own lock covers a single `dvc` call, not
     the gap between two stages, where a second run could otherwise interleave."""
-    path = root / ".dvc" / "tmp" / "qatflow-run.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another process"
-                    raise WorkspaceBusy(
-                        f"{root} is busy: a pipeline run ({holder}) holds {path.relative_to(root)}; "
-                        f"waited {timeout_s:g}s (raise lock_timeout to wait longer)"
-                    ) from None
-                time.sleep(1)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"flow run {runtime.flow_run.name or '?'}, pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock_dir = root / ".dvc" / "tmp"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    # Who holds the lock, for the message a waiting run gives up with; beside the lock file,
+    # whose content filelock owns.
+    holder = lock_dir / "qatflow-run.holder"
+    lock = FileLock(lock_dir / "qatflow-run.lock")
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        who = holder.read_text().strip() if holder.exists() else "another process"
+        raise WorkspaceBusy(
+            f"{root} is busy: a pipeline run ({who}) holds .dvc/tmp/qatflow-run.lock; "
+            f"waited {timeout_s:g}s (raise lock_timeout to wait longer)"
+        ) from None
+    try:
+        holder.write_text(f"flow run {runtime.flow_run.name or '?'}, pid {os.getpid()}")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
 
 
 def _retry_on_dvc_lock(task, task_run, state) -> bool:
@@ -105,47 +99,15 @@ def run_stage(root: str, stage: str):
 
 
 def publish_artifacts(root: Path, stages: list[dict]) -> dict:
-    """A markdown summary and a metrics table on the flow run, from the files the stages wrote."""
-    evaluate = json.loads((root / "metrics" / "evaluate.json").read_text())
-    latency = json.loads((root / "metrics" / "latency.json").read_text())
-    # The gate is export's: a model that fails it is never published, so this one passed.
-    gate = json.loads((root / "metrics" / "export.json").read_text())["gate"]
-    variants = {"fp32": "fp32 (eager)", "fp32_ts": "fp32 TorchScript", "ptq": "int8 PTQ",
-                "int8": "int8 QAT"}
-    rows = []
-    for key, label in variants.items():
-        row = {"variant": label, "accuracy": evaluate[key]["accuracy"],
-               "macro_f1": evaluate[key]["macro_f1"], "size_bytes": evaluate[key]["size_bytes"]}
-        for batch, timing in latency[key].items():
-            row[f"{batch}_median_ms"] = timing["median_ms"]
-        rows.append(row)
-    create_table_artifact(rows, key="qatflow-metrics", description="Test-set metrics per variant")
-
-    speedups = ", ".join(f"{b.replace('_', ' ')}: {s:g}x" for b, s in latency["int8_speedup_vs_fp32_ts"].items())
-    lines = [
-        "# qatflow run",
-        "",
-        f"**Gate** (export): passed (int8 drop {gate['accuracy_drop']:g} pp, "
-        f"limit {gate['max_accuracy_drop']:g} pp). **int8 vs fp32**: {evaluate['size_ratio']:g}x smaller; "
-        f"faster than optimized fp32 TorchScript at {speedups}.",
-        "",
-        "| variant | accuracy | size | " + " | ".join(f"{b} median" for b in latency["int8"]) + " |",
-        "|---|---|---|" + "---|" * len(latency["int8"]),
-    ]
-    for row, key in zip(rows, variants):
-        times = " | ".join(f"{t['median_ms']:.3f} ms" for t in latency[key].values())
-        lines.append(f"| {row['variant']} | {row['accuracy']:.2%} | {row['size_bytes'] / 1024:,.0f} KiB | {times} |")
+    """The report evaluate wrote, attached to the flow run: its markdown summary (plus which stages
+    this run ran) and its per-variant metrics table."""
+    report = root / "plots" / "latency"
+    summary = json.loads((report / "summary.json").read_text())
+    create_table_artifact(summary["rows"], key="qatflow-metrics", description="Test-set metrics per variant")
     ran = [s["stage"] for s in stages if s["ran"]]
-    lines += [
-        "",
-        f"**Stages run**: {', '.join(ran) or 'none (all up to date)'}",
-        "",
-        f"**Models**: `{root / 'models' / 'int8.pt'}`, `{root / 'models' / 'fp32.pt'}`",
-        f"**Plots**: `{root / 'plots' / 'evaluate'}`, `{root / 'plots' / 'latency' / 'tradeoff.png'}`",
-    ]
-    create_markdown_artifact("\n".join(lines), key="qatflow-summary", description="qatflow run summary")
-    return {"gate_passed": gate["passed"], "int8_accuracy": evaluate["int8"]["accuracy"],
-            "fp32_accuracy": evaluate["fp32"]["accuracy"], "size_ratio": evaluate["size_ratio"]}
+    markdown = (report / "summary.md").read_text() + f"\n**Stages run**: {', '.join(ran) or 'none (all up to date)'}\n"
+    create_markdown_artifact(markdown, key="qatflow-summary", description="qatflow run summary")
+    return {"gate_passed": summary["gate"]["passed"], **summary["headline"]}
 
 
 @flow(name="qatflow-pipeline", log_prints=True)

@@ -1,8 +1,9 @@
-"""Stage 4, export: TorchScript files that a deployment loads with `torch.jit.load` alone.
+"""Stage 4, export: model files that a deployment loads with torch alone.
 
-models/fp32.pt (trace -> freeze), models/int8.pt (QAT) and models/ptq_int8.pt (PTQ baseline)
-(trace -> freeze), and models/fp32.pt2 (torch.export, TorchScript's successor), each carrying meta.json (class names, input shape, normalization, quantization
-backend, torch version) as an extra file. A parity check runs every file in a fresh interpreter
+Every exported variant of tasks/variants.py: models/fp32.pt, models/int8.pt (QAT) and
+models/ptq_int8.pt (PTQ baseline) as TorchScript (trace -> freeze), and models/fp32.pt2
+(torch.export, TorchScript's successor), each carrying meta.json (ExportedMeta: class names, input
+shape, normalization, quantization backend, torch version, model config) as an extra file. A parity check runs every file in a fresh interpreter
 that never imports qatflow and compares it with the eager model. Then the deployment gate: int8
 QAT (the exported file) may lose at most export.max_accuracy_drop percentage points of test
 accuracy against the eager fp32 model. The files and metrics/export.json replace the previous ones
@@ -10,13 +11,12 @@ only if every check passes.
 
 fp32.pt is frozen but not passed through `torch.jit.optimize_for_inference`: its MKLDNN-prepacked
 weights do not survive `torch.jit.save` (loading fails with "required keyword attribute 'value' is
-undefined"). Apply optimize_for_inference after loading, as evaluate does for latency.
+undefined"). Apply optimize_for_inference after loading, as evaluate does (Variant.optimize).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 import tempfile
@@ -27,12 +27,14 @@ import torch
 
 from tasks.atomic import staged_outputs
 from tasks.cli import run_stage
+from tasks.contracts import ExportedMeta, exported_meta_text, read_prepared_meta
 from tasks.errors import GateFailed
-from tasks.layout import Layout, project_layout
-from tasks.loop import predict_logits
+from tasks.inference import predict_logits
 from tasks.model import load_checkpoint
 from tasks.params import ExportParams, load_params
 from tasks.quantize import load_int8
+from tasks.variants import DEPLOYED, EXPORTED, REFERENCE, Variant
+from tasks.workspace import Workspace, project_workspace
 
 PARITY_SCRIPT = Path(__file__).with_name("parity_check.py")
 MAX_BATCH = 4096  # the ExportedProgram's batch dimension is dynamic up to this
@@ -43,7 +45,7 @@ def to_torchscript(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.S
         return torch.jit.freeze(torch.jit.trace(model.eval(), example))
 
 
-def torchscript_bytes(module: torch.jit.ScriptModule, meta: dict) -> bytes:
+def torchscript_bytes(model: torch.nn.Module, example: torch.Tensor, meta: ExportedMeta) -> bytes:
     """The saved TorchScript archive without its *.debug_pkl records.
 
     Those records hold the Python stack of every traced op, with absolute paths of this checkout
@@ -52,7 +54,8 @@ def torchscript_bytes(module: torch.jit.ScriptModule, meta: dict) -> bytes:
     model lose their Python line numbers, which a deployed file has no use for.
     """
     saved = io.BytesIO()
-    torch.jit.save(module, saved, _extra_files={"meta.json": json.dumps(meta)})
+    torch.jit.save(to_torchscript(model, example[:1]), saved,
+                   _extra_files={"meta.json": exported_meta_text(meta)})
     reader = torch._C.PyTorchFileReader(io.BytesIO(saved.getvalue()))
     portable = io.BytesIO()
     writer = torch._C.PyTorchFileWriter(portable)
@@ -67,19 +70,25 @@ def torchscript_bytes(module: torch.jit.ScriptModule, meta: dict) -> bytes:
     return portable.getvalue()
 
 
-def exported_program_bytes(model: torch.nn.Module, example: torch.Tensor, meta: dict) -> bytes:
+def exported_program_bytes(model: torch.nn.Module, example: torch.Tensor, meta: ExportedMeta) -> bytes:
     """fp32 as a torch.export ExportedProgram (the successor of TorchScript), batch size dynamic.
 
     Node stack traces are dropped for the reason torchscript_bytes drops debug records: they hold
     this checkout's absolute paths, so the file would differ from clone to clone.
     """
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+    # Two samples (a size-1 example would pin the batch dim to 1), cloned: the program stores its
+    # example, and a view would drag the whole test split along.
+    program = torch.export.export(model.eval(), (example[:2].clone(),), dynamic_shapes=({0: batch},))
     for node in program.graph.nodes:
         node.meta.pop("stack_trace", None)
     saved = io.BytesIO()
-    torch.export.save(program, saved, extra_files={"meta.json": json.dumps(meta)})
+    torch.export.save(program, saved, extra_files={"meta.json": exported_meta_text(meta)})
     return saved.getvalue()
+
+
+# How each runtime's file is written from an eager model, an example batch and its metadata.
+EXPORTERS = {"torchscript": torchscript_bytes, "torch.export": exported_program_bytes}
 
 
 def run_isolated(model_paths: list[Path], inputs_path: Path, workdir: Path) -> dict[Path, np.ndarray]:
@@ -101,13 +110,13 @@ def run_isolated(model_paths: list[Path], inputs_path: Path, workdir: Path) -> d
     return logits
 
 
-def parity(variant: str, reference: torch.Tensor, loaded: np.ndarray, params: ExportParams) -> dict:
+def parity(variant: Variant, reference: torch.Tensor, loaded: np.ndarray, params: ExportParams) -> dict:
     loaded_t = torch.from_numpy(loaded)
     result = {
         "max_abs_diff": round(float((loaded_t - reference).abs().max()), 8),
         "argmax_agreement": round(float((loaded_t.argmax(1) == reference.argmax(1)).float().mean()), 6),
     }
-    if variant.startswith("fp32"):
+    if variant.precision == "fp32":
         tol = params.fp32_tolerance
         result["allclose"] = bool(torch.allclose(loaded_t, reference, rtol=tol, atol=tol))
         result["passed"] = result["allclose"]
@@ -116,25 +125,18 @@ def parity(variant: str, reference: torch.Tensor, loaded: np.ndarray, params: Ex
     return result
 
 
-def export(params: ExportParams, layout: Layout) -> dict:
-    qat_state, ptq_state = layout.qat_dir / "qat_state.pt", layout.qat_dir / "ptq_state.pt"
-    layout.require(layout.prepared / "meta.json", layout.train_model, qat_state, ptq_state)
-    prepared_meta = json.loads((layout.prepared / "meta.json").read_text())
-    with np.load(layout.prepared / "test.npz", allow_pickle=False) as test:
+def export(params: ExportParams, workspace: Workspace) -> dict:
+    qat_state, ptq_state = workspace.qat_dir / "qat_state.pt", workspace.qat_dir / "ptq_state.pt"
+    workspace.require(workspace.train_model, qat_state, ptq_state)
+    prepared = read_prepared_meta(workspace.prepared)
+    with np.load(workspace.prepared / "test.npz", allow_pickle=False) as test:
         x_test, y_test = torch.from_numpy(test["x"]), torch.from_numpy(test["y"])
         x_raw = test["x_raw"][: params.parity_samples]
     x = x_test[: params.parity_samples]
-    fp32, config = load_checkpoint(layout.train_model)
-    int8, int8_info = load_int8(qat_state)
-    ptq, ptq_info = load_int8(ptq_state)
-    torch.backends.quantized.engine = int8_info["backend"]
+    fp32, config = load_checkpoint(workspace.train_model)
+    # Each eager model, and the quantized engine its weights are packed for (None: fp32).
+    eager = {"fp32": (fp32, None), "qat": load_int8(qat_state), "ptq": load_int8(ptq_state)}
 
-    variants = {  # name: (eager module, destination, quantization backend)
-        "fp32": (fp32, layout.fp32_ts, None),
-        "fp32_pt2": (fp32, layout.fp32_pt2, None),
-        "int8": (int8, layout.int8_ts, int8_info["backend"]),
-        "ptq": (ptq, layout.ptq_ts, ptq_info["backend"]),
-    }
     report: dict = {}
     payloads: dict[str, bytes] = {}
     # The parity check runs on copies in a scratch folder: nothing reaches models/ unless every
@@ -143,26 +145,22 @@ def export(params: ExportParams, layout: Layout) -> dict:
         workdir = Path(tmp)
         inputs = workdir / "inputs.npz"
         np.savez(inputs, x_raw=x_raw)
-        for name, (module, destination, backend) in variants.items():
-            meta = {
-                "variant": name,
-                "class_names": prepared_meta["class_names"],
-                "input_shape": prepared_meta["input_shape"],
-                "normalization": prepared_meta["normalization"],
-                "backend": backend,
-                "torch_version": torch.__version__,
-                "model": config,
-            }
-            if destination.suffix == ".pt2":
-                # Two samples (a size-1 example would pin the batch dim to 1), cloned: the program
-                # stores its example, and a view would drag the whole test split along.
-                payloads[name] = exported_program_bytes(module, x[:2].clone(), meta)
-            else:
-                payloads[name] = torchscript_bytes(to_torchscript(module, x[:1]), meta)
-            (workdir / destination.name).write_bytes(payloads[name])
-        loaded = run_isolated([workdir / d.name for _, d, _ in variants.values()], inputs, workdir)
-        for name, (module, destination, _) in variants.items():
-            report[name] = parity(name, predict_logits(module, x), loaded[workdir / destination.name], params)
+        for name, variant in EXPORTED.items():
+            module, backend = eager[variant.made_from]
+            if backend:  # int8 runs on the engine its weights were packed for
+                torch.backends.quantized.engine = backend
+            meta = ExportedMeta(
+                variant=name, class_names=prepared.class_names, input_shape=prepared.input_shape,
+                normalization=prepared.normalization, backend=backend,
+                torch_version=str(torch.__version__), model=config,
+            )
+            payloads[name] = EXPORTERS[variant.runtime](module, x, meta)
+            (workdir / Path(variant.file).name).write_bytes(payloads[name])
+        loaded = run_isolated([workdir / Path(v.file).name for v in EXPORTED.values()], inputs, workdir)
+        for name, variant in EXPORTED.items():
+            module, _ = eager[variant.made_from]
+            report[name] = parity(variant, predict_logits(module, x),
+                                  loaded[workdir / Path(variant.file).name], params)
             report[name]["size_bytes"] = len(payloads[name])
 
     failed = {name: r for name, r in report.items() if not r["passed"]}
@@ -172,15 +170,15 @@ def export(params: ExportParams, layout: Layout) -> dict:
             for name, r in failed.items()
         )
         raise GateFailed(f"parity check failed ({details}); previous models left in place")
-    report["gate"] = accuracy_gate(fp32, payloads["int8"], x_test, y_test, params)
+    report["gate"] = accuracy_gate(eager[REFERENCE][0], payloads[DEPLOYED], x_test, y_test, params)
 
     with staged_outputs() as out:
-        for name, (_, destination, _) in variants.items():
-            out.write_with(destination, lambda f, b=payloads[name]: f.write(b))
-        out.write_json(layout.metrics("export"), report)
+        for name, variant in EXPORTED.items():
+            out.write_with(variant.path(workspace), lambda f, b=payloads[name]: f.write(b))
+        out.write_json(workspace.metrics("export"), report)
 
-    sizes = ", ".join(f"{name} {report[name]['size_bytes'] / 1024:.0f} KiB" for name in variants)
-    print(f"export: parity passed for {', '.join(variants)} ({sizes}); int8 accuracy drop "
+    sizes = ", ".join(f"{name} {report[name]['size_bytes'] / 1024:.0f} KiB" for name in EXPORTED)
+    print(f"export: parity passed for {', '.join(EXPORTED)} ({sizes}); int8 accuracy drop "
           f"{report['gate']['accuracy_drop']:g} pp (limit {params.max_accuracy_drop:g})")
     return report
 
@@ -206,7 +204,7 @@ def accuracy_gate(fp32: torch.nn.Module, int8_file: bytes, x: torch.Tensor, y: t
 def main(args) -> None:
     """Export fp32 and int8 TorchScript models, parity-check them in a fresh process, and gate
     deployment on the int8 model's test accuracy."""
-    export(load_params(args.params).export, project_layout())
+    export(load_params(args.params).export, project_workspace())
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from tasks.variants import VARIANTS
+
 # One colour per variant, shared by every figure so fp32 / int8 read the same everywhere.
-COLORS = {"fp32": "tab:blue", "fp32_ts": "tab:cyan", "ptq": "tab:orange", "int8": "tab:red"}
+COLORS = {name: variant.color for name, variant in VARIANTS.items()}
 
 
 def _figure(width: float, height: float) -> Figure:

@@ -1,41 +1,64 @@
 """The training loop shared by train and qat: deterministic batches, augmentation, TensorBoard,
-a progress bar, the per-epoch history DVC plots, and a resumable checkpoint after every epoch."""
+a progress bar, the per-epoch history DVC plots, a resumable checkpoint after every epoch
+(tasks/checkpoint.py), and the common ending of both stages (publish_run)."""
 
 from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.atomic import write_with
+from tasks import checkpoint
+from tasks.atomic import StagedOutputs, staged_outputs
 from tasks.augment import random_shift
+from tasks.checkpoint import Checkpointing, EpochRecord, LoopState, TrainingState
+from tasks.contracts import PreparedMeta, read_prepared_meta
 from tasks.figures import confusion_figure
+from tasks.inference import predict_logits
 from tasks.scores import confusion_matrix
+from tasks.workspace import Workspace
 
 
 @dataclass(frozen=True)
-class Split:
+class Samples:
     x: torch.Tensor
     y: torch.Tensor
 
 
-def load_split(prepared: Path, name: str) -> Split:
+def load_split(prepared: Path, name: str) -> Samples:
     with np.load(prepared / f"{name}.npz", allow_pickle=False) as data:
-        return Split(torch.from_numpy(data["x"]), torch.from_numpy(data["y"]))
+        return Samples(torch.from_numpy(data["x"]), torch.from_numpy(data["y"]))
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    meta: PreparedMeta
+    train: Samples
+    val: Samples
+
+
+def load_stage_inputs(workspace: Workspace) -> StageInputs:
+    """What train and qat both read: the prepared meta and the train and val splits."""
+    meta = read_prepared_meta(workspace.prepared)
+    return StageInputs(meta, load_split(workspace.prepared, "train"), load_split(workspace.prepared, "val"))
 
 
 def seed_everything(seed: int, threads: int) -> torch.Generator:
@@ -56,58 +79,14 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lr: float
-
-
 @dataclass(frozen=True)
-class Checkpointing:
-    """Where fit saves its resumable state after every epoch, and what that state depends on:
-    a checkpoint whose fingerprint differs in any entry (params, data, code...) is not resumed."""
-
-    path: Path
-    fingerprint: dict[str, str]
-
-
-TASKS = Path(__file__).parent
-
-
-def files_digest(paths: list[Path]) -> str:
-    """sha256 over the names and bytes of these files, folders expanded (hidden files left out)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            if file.name.startswith("."):
-                continue
-            digest.update(file.name.encode() + b"\0")
-            with open(file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fingerprint(section: str, params: BaseModel, inputs: dict[str, list[Path]],
-                code: list[str]) -> dict[str, str]:
-    """What a stage's training depends on, one entry each, named so that a mismatch says what
-    changed: its params section, its input files, its code (tasks/<name>.py) and torch itself."""
-    return {
-        f"{section} params": hashlib.sha256(params.model_dump_json().encode()).hexdigest(),
-        **{name: files_digest(paths) for name, paths in inputs.items()},
-        f"code (tasks/{{{','.join(code)}}}.py)": files_digest([TASKS / f"{name}.py" for name in code]),
-        "torch version": str(torch.__version__),  # a TorchVersion would not load weights_only
-    }
+class FitConfig:
+    stage: str  # names the run in messages and TensorBoard
+    epochs: int
+    batch_size: int
+    augment_shift: int = 0
+    label_smoothing: float = 0.0
+    patience: int | None = None  # stop after this many epochs without a val improvement
 
 
 @dataclass
@@ -119,48 +98,28 @@ class FitResult:
     seconds: float
 
 
-@dataclass
-class FitState:
-    """What fit carries from one epoch to the next besides the modules' own state."""
-
-    best_state: dict[str, torch.Tensor]
-    history: list[EpochRecord] = field(default_factory=list)
-    best_accuracy: float = -1.0
-    best_loss: float = float("inf")
-    best_epoch: int = 0
-    best_confusion: np.ndarray | None = None
-    stopped: bool = False  # early stop: a resumed run has nothing left to train
-
-
 def fit(
-    model: nn.Module,
-    train: Split,
-    val: Split,
-    *,
-    stage: str,
-    epochs: int,
-    batch_size: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    generator: torch.Generator,
+    training: TrainingState,
+    train: Samples,
+    val: Samples,
+    config: FitConfig,
     writer: SummaryWriter,
-    augment_shift: int = 0,
-    label_smoothing: float = 0.0,
-    patience: int | None = None,
     on_epoch_start: Callable[[nn.Module, int], None] | None = None,
-    checkpoint: Checkpointing | None = None,
+    resumable: Checkpointing | None = None,
 ) -> FitResult:
-    """Train for `epochs` (fewer if validation accuracy stalls for `patience` epochs) and return
-    the history plus the best epoch's weights. The scheduler is stepped once per batch.
+    """Train for `config.epochs` (fewer if validation accuracy stalls for `patience` epochs) and
+    return the history plus the best epoch's weights. The scheduler is stepped once per batch.
 
-    With `checkpoint`, everything the next epoch depends on is saved after each one, and a run
+    With `resumable`, everything the next epoch depends on is saved after each one, and a run
     that finds a checkpoint with the same fingerprint carries on after its last epoch, ending with
-    the weights an uninterrupted run would have. The caller removes it once its outputs are out.
+    the weights an uninterrupted run would have. publish_run removes it once the outputs are out.
     """
+    model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
+    stage, epochs, batch_size = config.stage, config.epochs, config.batch_size
     num_classes = int(torch.max(torch.cat([train.y, val.y]))) + 1
-    state = FitState(copy.deepcopy(model.state_dict()))
-    if checkpoint is not None:
-        state = resume(checkpoint, stage, model, optimizer, scheduler, generator) or state
+    state = LoopState(copy.deepcopy(model.state_dict()))
+    if resumable is not None:
+        state = checkpoint.resume(resumable, stage, training) or state
     if on_epoch_start:
         # Replayed for the epochs a resumed run skips: what they set (frozen BatchNorm statistics,
         # for one) is module state that a state_dict does not hold.
@@ -176,14 +135,14 @@ def fit(
             if on_epoch_start:
                 on_epoch_start(model, epoch)
             model.train()
-            order = torch.randperm(len(train.y), generator=generator)
+            order = torch.randperm(len(train.y), generator=training.generator)
             task = progress.add_task("", total=steps_per_epoch, epoch=f"{epoch + 1}/{epochs}", loss=0.0)
             loss_sum, correct = 0.0, 0
             for step in range(steps_per_epoch):
                 batch = order[step * batch_size : (step + 1) * batch_size]
-                inputs = random_shift(train.x[batch], augment_shift, generator)
+                inputs = random_shift(train.x[batch], config.augment_shift, training.generator)
                 logits = model(inputs)
-                loss = F.cross_entropy(logits, train.y[batch], label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits, train.y[batch], label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -220,73 +179,18 @@ def fit(
                 state.best_accuracy, state.best_loss = record.val_accuracy, record.val_loss
                 state.best_epoch, state.best_state = record.epoch, copy.deepcopy(model.state_dict())
                 state.best_confusion = confusion_matrix(val.y.numpy(), val_pred.numpy(), num_classes)
-            elif patience is not None and record.epoch - state.best_epoch >= patience:
+            elif config.patience is not None and record.epoch - state.best_epoch >= config.patience:
                 state.stopped = True
-            if checkpoint is not None:
-                save_resumable(checkpoint, state, model, optimizer, scheduler, generator)
+            if resumable is not None:
+                checkpoint.save(resumable, state, training)
             if state.stopped:
                 progress.console.print(
-                    f"{stage}: early stop, no val improvement for {patience} epochs", soft_wrap=True
+                    f"{stage}: early stop, no val improvement for {config.patience} epochs",
+                    soft_wrap=True,
                 )
                 break
     return FitResult(state.history, state.best_epoch, state.best_state, state.best_confusion,
                      time.perf_counter() - start)
-
-
-def save_resumable(checkpoint: Checkpointing, state: FitState, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator) -> None:
-    # Plain containers and tensors only, so that it loads with weights_only=True.
-    saved = {
-        "fingerprint": checkpoint.fingerprint,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
-        "generator": generator.get_state(),  # shuffling and augmentation
-        "history": [asdict(record) for record in state.history],
-        "best": {
-            "accuracy": state.best_accuracy, "loss": state.best_loss, "epoch": state.best_epoch,
-            "state_dict": state.best_state, "confusion": torch.from_numpy(state.best_confusion),
-        },
-        "stopped": state.stopped,
-    }
-    write_with(checkpoint.path, lambda f: torch.save(saved, f))
-
-
-def resume(checkpoint: Checkpointing, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-           scheduler, generator: torch.Generator) -> FitState | None:
-    """Load the checkpoint into the modules and return the loop's state, or None (saying why when
-    a checkpoint exists) to start from scratch."""
-    if not checkpoint.path.exists():
-        return None
-    try:
-        saved = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
-        made_with = dict(saved["fingerprint"])
-    except Exception as exc:  # whatever is wrong with the file, starting over is safe
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"{stage}: ignoring {checkpoint.path.name}: unreadable ({reason}); starting over")
-        return None
-    changed = [key for key in sorted(checkpoint.fingerprint.keys() | made_with.keys())
-               if checkpoint.fingerprint.get(key) != made_with.get(key)]
-    if changed:
-        print(f"{stage}: ignoring {checkpoint.path.name}: made with other {', '.join(changed)}; "
-              "starting over")
-        return None
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
-    generator.set_state(saved["generator"])
-    best = saved["best"]
-    state = FitState(
-        best_state=best["state_dict"],
-        history=[EpochRecord(**record) for record in saved["history"]],
-        best_accuracy=best["accuracy"], best_loss=best["loss"], best_epoch=best["epoch"],
-        best_confusion=best["confusion"].numpy(), stopped=saved["stopped"],
-    )
-    print(f"{stage}: resuming from {checkpoint.path.name} after epoch {len(state.history)}")
-    return state
 
 
 def log_epoch(writer: SummaryWriter, model: nn.Module, record: EpochRecord) -> None:
@@ -310,6 +214,17 @@ def history_csv(history: list[EpochRecord]) -> str:
     for record in history:
         rows.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(record).items()})
     return out.getvalue()
+
+
+def publish_run(workspace: Workspace, stage: str, result: FitResult, metrics: dict,
+                write_models: Callable[[StagedOutputs], None], resumable: Checkpointing) -> None:
+    """The ending train and qat share: their models (`write_models`), history and metrics published
+    together, then the resumable checkpoint removed, as it has nothing left to resume."""
+    with staged_outputs() as out:
+        write_models(out)
+        out.write_text(workspace.plots(stage) / "history.csv", history_csv(result.history))
+        out.write_json(workspace.metrics(stage), metrics)
+    resumable.path.unlink(missing_ok=True)
 
 
 def log_run_summary(

@@ -9,11 +9,11 @@ made of the patterns FX QAT fuses into int8 kernels: Linear-ReLU and Conv-BN-ReL
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
+from tasks.contracts import ModelConfig, parse
 from tasks.errors import ParamsError
 from tasks.params import ModelParams
 
@@ -86,7 +86,7 @@ class ConvNet(nn.Module):
         return self.classifier(self.dropout(x))
 
 
-def model_config(layout: str, input_shape: list[int], num_classes: int, model: ModelParams) -> dict:
+def model_config(layout: str, input_shape: list[int], num_classes: int, model: ModelParams) -> ModelConfig:
     """The plain-data description of the model train builds, stored in its checkpoint."""
     family = FAMILY_OF_LAYOUT[layout] if model.family == "auto" else model.family
     if layout not in READS[family]:
@@ -96,33 +96,36 @@ def model_config(layout: str, input_shape: list[int], num_classes: int, model: M
             f"sample shape {list(input_shape)} (data/prepared/meta.json); {family} needs "
             f"{' or '.join(READS[family])}. Use auto or one of: {', '.join(fits)}"
         )
-    return {
-        "family": family,
-        "input_shape": list(input_shape),
-        "num_classes": num_classes,
-        "widths": list(model.widths or DEFAULT_WIDTHS[family]),
-        "convs_per_stage": model.convs_per_stage,
-        "dropout": model.dropout,
-    }
+    return ModelConfig(
+        family=family,
+        input_shape=list(input_shape),
+        num_classes=num_classes,
+        widths=list(model.widths or DEFAULT_WIDTHS[family]),
+        convs_per_stage=model.convs_per_stage,
+        dropout=model.dropout,
+    )
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    # Checkpoints from before the families existed hold a cnn2d config without these two keys.
-    family = config.get("family", "cnn2d")
-    if family == "mlp":
-        return MLP(math.prod(config["input_shape"]), config["num_classes"], config["widths"],
-                   config["dropout"])
-    return ConvNet(1 if family == "cnn1d" else 2, config["input_shape"], config["num_classes"],
-                   config["widths"], config.get("convs_per_stage", 2), config["dropout"])
+def build_model(config: ModelConfig) -> nn.Module:
+    if config.family == "mlp":
+        return MLP(math.prod(config.input_shape), config.num_classes, config.widths, config.dropout)
+    return ConvNet(1 if config.family == "cnn1d" else 2, config.input_shape, config.num_classes,
+                   config.widths, config.convs_per_stage, config.dropout)
 
 
-def save_checkpoint(f, model: nn.Module, config: dict[str, Any]) -> None:
-    torch.save({"config": config, "state_dict": model.state_dict()}, f)
+def stored_config(saved: dict, path) -> ModelConfig:
+    """The ModelConfig saved beside weights (plain data, so that the file loads weights_only)."""
+    return parse(ModelConfig, saved.get("config"), f"{path}: config", "re-run the stage that wrote it")
 
 
-def load_checkpoint(path) -> tuple[nn.Module, dict[str, Any]]:
+def save_checkpoint(f, model: nn.Module, config: ModelConfig) -> None:
+    torch.save({"config": config.model_dump(), "state_dict": model.state_dict()}, f)
+
+
+def load_checkpoint(path) -> tuple[nn.Module, ModelConfig]:
     """Rebuild the fp32 model from a train-stage checkpoint (weights only: no pickle of code)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["config"])
+    config = stored_config(checkpoint, path)
+    model = build_model(config)
     model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), checkpoint["config"]
+    return model.eval(), config

@@ -27,21 +27,23 @@ class DataParams(Section):
     # a .csv file or a folder with one sub-folder of images per class.
     source: Annotated[str, Field(min_length=1)] = "builtin:mnist5k"
     max_samples: PositiveInt | None = None
-    # How samples are read: (N, F) vectors, (N, C, L) sequences or (N, C, H, W) images. "auto"
-    # decides from the array's shape (see tasks/sources.py); the model family follows from it.
+    # How samples are read: (N, F) vectors, (N, C, L) sequences or (N, C, H, W) images; the model
+    # family follows from it. "auto" decides from the array's shape and, for 2-D x (N, F), from
+    # whether its columns are an ordered signal (neighbouring columns correlate more than the rest)
+    # or tabular features (tasks/layout.py); meta.json's layout_reason says why. Set one to override.
     layout: Literal["auto", "vectors", "sequences", "images"] = "auto"
     label_column: Annotated[str, Field(min_length=1)] = "label"  # CSV sources
     image_size: list[PositiveInt] = Field(default=[28, 28], min_length=2, max_length=2)  # folders: [H, W]
     image_mode: Literal["grayscale", "rgb"] = "grayscale"  # folders
 
 
-class Split(Section):
+class SplitFractions(Section):
     train: Fraction = 0.8
     val: Fraction = 0.1
     test: Fraction = 0.1
 
     @model_validator(mode="after")
-    def _sums_to_one(self) -> Split:
+    def _sums_to_one(self) -> SplitFractions:
         total = self.train + self.val + self.test
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"train + val + test must sum to 1, got {total:g}")
@@ -50,7 +52,7 @@ class Split(Section):
 
 class PrepareParams(Section):
     seed: NonNegativeInt = 0
-    split: Split = Split()
+    split: SplitFractions = SplitFractions()
 
 
 class ModelParams(Section):

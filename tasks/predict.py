@@ -1,7 +1,7 @@
 """Predict with an exported model: `python -m tasks.predict MODEL INPUT [--out FILE]`
 (also installed as `qatflow-predict`).
 
-MODEL is models/int8.pt or models/fp32.pt, loaded with torch alone (no qatflow model code): its
+MODEL is models/int8.pt, models/fp32.pt or models/fp32.pt2, loaded with torch alone (no qatflow model code): its
 embedded meta.json says the input shape, the normalization and the class names. INPUT is an .npz
 (array `x`) or .npy, a CSV (a header row; a `label` column, if any, is ignored), or, for image
 models, an image file or a folder of images. Samples are shaped as prepare shaped the training
@@ -27,8 +27,15 @@ from tasks.atomic import write_text
 from tasks.cli import run_command
 from tasks.deployed import load_deployed
 from tasks.errors import DataError
-from tasks.readers import (IMAGE_SUFFIXES, conform, image_files, read_array_file,
-                           read_csv_features, read_images)
+from tasks.inference import predict_logits, probabilities
+from tasks.readers import (
+    IMAGE_SUFFIXES,
+    conform,
+    image_files,
+    read_array_file,
+    read_csv_features,
+    read_images,
+)
 
 PROGRESS_FROM = 10_000  # samples; below this a bar only flickers
 
@@ -60,22 +67,11 @@ def read_inputs(path: Path, input_shape: list[int], model_name: str) -> tuple[np
     return x, [str(i) for i in range(len(x))]
 
 
-def normalize(x: np.ndarray, norm: dict) -> torch.Tensor:
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean, std = torch.tensor(norm["mean"]).reshape(shape), torch.tensor(norm["std"]).reshape(shape)
-    return (torch.from_numpy(x).to(torch.float32) / norm["scale"] - mean) / std
-
-
-@torch.inference_mode()
 def predict_proba(model, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    batches = range(0, len(x), batch_size)
     with Progress(console=Console(stderr=True), disable=len(x) < PROGRESS_FROM) as progress:
         task = progress.add_task("predict", total=len(x))
-        out = []
-        for start in batches:
-            out.append(torch.softmax(model(x[start : start + batch_size]), dim=1))
-            progress.advance(task, len(out[-1]))
-    return torch.cat(out).numpy()
+        logits = predict_logits(model, x, batch_size, on_batch=lambda n: progress.advance(task, n))
+    return probabilities(logits)
 
 
 def format_records(ids: list[str], proba: np.ndarray, class_names: list[str], as_csv: bool) -> str:
@@ -97,9 +93,11 @@ def format_records(ids: list[str], proba: np.ndarray, class_names: list[str], as
 def predict(model_path: Path, input_path: Path, out: Path | None = None, batch_size: int = 256) -> np.ndarray:
     """Class probabilities for every sample of `input_path`; written to `out` (or stdout)."""
     model, meta = load_deployed(model_path)
-    x_raw, ids = read_inputs(input_path, meta["input_shape"], model_path.name)
-    proba = predict_proba(model, normalize(x_raw, meta["normalization"]), batch_size)
-    text = format_records(ids, proba, meta["class_names"], as_csv=bool(out and out.suffix == ".csv"))
+    x_raw, ids = read_inputs(input_path, meta.input_shape, model_path.name)
+    # prepare's own normalization, from the file's metadata: inputs scaled as training data was.
+    x = torch.from_numpy(meta.normalization.apply(x_raw))
+    proba = predict_proba(model, x, batch_size)
+    text = format_records(ids, proba, meta.class_names, as_csv=bool(out and out.suffix == ".csv"))
     if out is None:
         sys.stdout.write(text)
     else:
@@ -109,7 +107,7 @@ def predict(model_path: Path, input_path: Path, out: Path | None = None, batch_s
 
 
 def _arguments(parser) -> None:
-    parser.add_argument("model", type=Path, help="models/int8.pt or models/fp32.pt")
+    parser.add_argument("model", type=Path, help="models/int8.pt, models/fp32.pt or models/fp32.pt2")
     parser.add_argument("input", type=Path, help=".npz/.npy, .csv, an image, or a folder of images")
     parser.add_argument("--out", type=Path, help="write here (.csv: CSV, else JSON lines)")
     parser.add_argument("--batch-size", type=int, default=256)

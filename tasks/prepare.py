@@ -12,7 +12,6 @@ is written. Built-in, CSV and image sources take the same path, from memory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -22,11 +21,19 @@ import numpy as np
 
 from tasks.atomic import staged_outputs
 from tasks.cli import run_stage
+from tasks.contracts import (
+    Normalization,
+    PreparedMeta,
+    channel_shape,
+    prepared_meta_text,
+    to_unit,
+)
 from tasks.errors import DataError
-from tasks.layout import Layout, project_layout
+from tasks.layout import resolve_layout
 from tasks.npyio import NpzWriter, Rows, RowWriter, chunk_rows
-from tasks.params import DataParams, PrepareParams, Split, load_params
-from tasks.sources import Source, load_source, resolve_layout, sample_label
+from tasks.params import DataParams, PrepareParams, SplitFractions, load_params
+from tasks.sources import Source, load_source, sample_label
+from tasks.workspace import Workspace, project_workspace
 
 SPLITS = ("train", "val", "test")
 
@@ -50,7 +57,7 @@ def stratified_subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(order[ranks < quota[y[order]]])
 
 
-def split_fractions(split: Split, fixed_test: bool) -> dict[str, float]:
+def split_fractions(split: SplitFractions, fixed_test: bool) -> dict[str, float]:
     """train/val/test, or train/val in the same proportion when the source has its own test set."""
     if fixed_test:
         pool = split.train + split.val
@@ -100,7 +107,7 @@ class ChannelStats:
         axes = (0, *range(2, x.ndim))
         count = x.size // x.shape[1]
         mean = x.mean(axis=axes, dtype=np.float64)
-        deviation = x - mean.reshape(_channel_shape(x.ndim))
+        deviation = x - mean.reshape(channel_shape(x.ndim))
         m2 = np.square(deviation, out=deviation).sum(axis=axes)
         total = self.count + count
         delta = mean - self.mean
@@ -113,23 +120,6 @@ class ChannelStats:
         # A constant channel (e.g. an always-black border feature) must not divide by zero.
         std = np.where(std < 1e-8, 1.0, std)
         return self.mean.astype(np.float32), std.astype(np.float32)
-
-
-def _channel_shape(ndim: int) -> tuple[int, ...]:
-    return (1, -1) + (1,) * (ndim - 2)
-
-
-def to_unit(x: np.ndarray, scale: float) -> np.ndarray:
-    out = x.astype(np.float32)
-    out /= np.float32(scale)
-    return out
-
-
-def standardize(x: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    out = to_unit(x, scale)
-    out -= mean.reshape(_channel_shape(x.ndim))
-    out /= std.reshape(_channel_shape(x.ndim))
-    return out
 
 
 @dataclass(frozen=True)
@@ -235,47 +225,48 @@ def _split_file(folder: Path, part: Part, shape: tuple[int, ...],
         npz.close()
 
 
-def write_splits(folder: Path, parts: list[Part], shape: tuple[int, ...], scale: float,
-                 mean: np.ndarray, std: np.ndarray) -> None:
+def write_splits(folder: Path, parts: list[Part], shape: tuple[int, ...], norm: Normalization) -> None:
     """Pass 2: each split's standardized rows into its .npz, reading every source array once."""
     for group in _readers(parts):
         with ExitStack() as stack:
             adders = [stack.enter_context(_split_file(
-                folder, part, shape, lambda rows: standardize(rows, scale, mean, std)))
+                folder, part, shape, norm.apply))
                 for part in group]
             for start, chunk in _canonical_chunks(group[0].rows, shape):
                 for add in adders:
                     add(start, chunk)
 
 
-def prepare(data: DataParams, params: PrepareParams, layout: Layout) -> dict:
-    source = load_source(data, layout.root)
-    kind, shape = resolve_layout(data.layout, source.x.shape[1:], source.x.name)
+def prepare(data: DataParams, params: PrepareParams, workspace: Workspace) -> PreparedMeta:
+    source = load_source(data, workspace.root)
+    choice = resolve_layout(data.layout, source.x)
+    kind, shape, reason = choice.layout, choice.shape, choice.reason
     scale = source.scale or (255.0 if kind == "images" and source.x.dtype == np.uint8 else 1.0)
     parts = plan_splits(source, data, params)
     mean, std = scan(parts, shape, scale)
-    meta = {
-        "source": data.source,
-        "layout": kind,
-        "class_names": source.class_names,
-        "input_shape": list(shape),
-        "normalization": {"scale": scale, "mean": mean.tolist(), "std": std.tolist()},
-        "samples": {part.name: int(len(part.index)) for part in parts},
-    }
+    meta = PreparedMeta(
+        source=data.source,
+        layout=kind,
+        layout_reason=reason,
+        class_names=source.class_names,
+        input_shape=list(shape),
+        normalization=Normalization(scale=float(scale), mean=mean.tolist(), std=std.tolist()),
+        samples={part.name: int(len(part.index)) for part in parts},
+    )
     with staged_outputs() as out:
-        folder = out.path(layout.prepared, directory=True)
-        write_splits(folder, parts, shape, scale, mean, std)
+        folder = out.path(workspace.prepared, directory=True)
+        write_splits(folder, parts, shape, meta.normalization)
         # Publishing the staged folder fsyncs every file in it.
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (folder / "meta.json").write_text(prepared_meta_text(meta))
     return meta
 
 
 def main(args) -> None:
     """Split and standardize the data source named in params.yaml."""
     params = load_params(args.params)
-    meta = prepare(params.data, params.prepare, project_layout())
-    print(f"prepare: {meta['samples']} samples of {meta['layout']} {meta['input_shape']} "
-          "-> data/prepared")
+    meta = prepare(params.data, params.prepare, project_workspace())
+    print(f"prepare: {meta.samples} samples of {meta.layout} {meta.input_shape} -> data/prepared "
+          f"({meta.layout_reason})")
 
 
 if __name__ == "__main__":

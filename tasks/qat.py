@@ -13,23 +13,27 @@ saves after every epoch (models/qat_checkpoint.pt, removed once the outputs are 
 from __future__ import annotations
 
 import copy
-import json
 
 import torch
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import disable_observer
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.atomic import staged_outputs
+from tasks.checkpoint import Checkpointing, TrainingState, fingerprint
 from tasks.cli import run_stage
-from tasks.layout import Layout, project_layout
+from tasks.inference import predict_logits
 from tasks.loop import (
-    Checkpointing, fingerprint, fit, history_csv, load_split, log_run_summary, predict_logits,
+    FitConfig,
+    fit,
+    load_stage_inputs,
+    log_run_summary,
+    publish_run,
     seed_everything,
 )
 from tasks.model import load_checkpoint
 from tasks.params import QatParams, load_params
 from tasks.quantize import convert, prepare, save_prepared
+from tasks.workspace import Workspace, project_workspace
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -43,12 +47,12 @@ def calibrate(prepared: torch.nn.Module, x: torch.Tensor, batches: int, batch_si
         prepared(x[i : i + batch_size])
 
 
-def qat(params: QatParams, layout: Layout) -> dict:
-    layout.require(layout.prepared / "meta.json", layout.train_model)
+def qat(params: QatParams, workspace: Workspace) -> dict:
+    workspace.require(workspace.train_model)
     generator = seed_everything(params.seed, params.threads)
-    meta = json.loads((layout.prepared / "meta.json").read_text())
-    train_set, val_set = load_split(layout.prepared, "train"), load_split(layout.prepared, "val")
-    fp32, config = load_checkpoint(layout.train_model)
+    inputs = load_stage_inputs(workspace)
+    train_set, val_set = inputs.train, inputs.val
+    fp32, config = load_checkpoint(workspace.train_model)
     example = train_set.x[:1]
 
     # Calibrate on a fixed, shuffled slice of the training set (the raw order is class-sorted).
@@ -60,6 +64,10 @@ def qat(params: QatParams, layout: Layout) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=0.9)
     steps = params.epochs * -(-len(train_set.y) // params.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    training = TrainingState(model, optimizer, scheduler, generator)
+    resumable = Checkpointing(workspace.qat_checkpoint, fingerprint("qat", params, workspace.root))
+    fit_config = FitConfig("qat", params.epochs, params.batch_size,
+                           label_smoothing=params.label_smoothing)
 
     def freeze_on_schedule(module: torch.nn.Module, epoch: int) -> None:
         if epoch == params.freeze_bn_epoch:
@@ -67,16 +75,9 @@ def qat(params: QatParams, layout: Layout) -> dict:
         if epoch == params.freeze_observers_epoch:
             module.apply(disable_observer)
 
-    with SummaryWriter(layout.tensorboard("qat")) as writer:
-        result = fit(
-            model, train_set, val_set, stage="qat", epochs=params.epochs,
-            batch_size=params.batch_size, optimizer=optimizer, scheduler=scheduler,
-            generator=generator, writer=writer, label_smoothing=params.label_smoothing,
-            on_epoch_start=freeze_on_schedule,
-            checkpoint=Checkpointing(layout.qat_checkpoint, fingerprint(
-                "qat", params, {"data": [layout.prepared], "trained model": [layout.train_model]},
-                ["qat", "quantize", "loop", "model", "augment"])),
-        )
+    with SummaryWriter(workspace.tensorboard("qat")) as writer:
+        result = fit(training, train_set, val_set, fit_config, writer,
+                     on_epoch_start=freeze_on_schedule, resumable=resumable)
         # The recipe keeps the final weights: earlier epochs ran with observers still moving.
         metrics = {
             "backend": params.backend,
@@ -85,21 +86,18 @@ def qat(params: QatParams, layout: Layout) -> dict:
             "fake_quant_val_accuracy": round(result.history[-1].val_accuracy, 6),
             "int8_val_accuracy": accuracy(convert(model), val_set.x, val_set.y),
         }
-        log_run_summary(
-            writer, result, meta["class_names"], params.model_dump(), metrics,
-            "qat: validation (fake-quant)",
-        )
+        log_run_summary(writer, result, inputs.meta.class_names, params.model_dump(), metrics,
+                        "qat: validation (fake-quant)")
         # A copy: tracing runs a forward pass, which would move observers that are not frozen yet.
         writer.add_graph(copy.deepcopy(model).eval(), example)
 
-    with staged_outputs() as out:
-        models = out.path(layout.qat_dir, directory=True)
+    def write_models(out) -> None:
+        models = out.path(workspace.qat_dir, directory=True)
         for kind, prepared in (("qat", model), ("ptq", ptq)):
             with open(models / f"{kind}_state.pt", "wb") as f:
                 save_prepared(f, prepared, config, kind, params.backend)
-        out.write_text(layout.plots("qat") / "history.csv", history_csv(result.history))
-        out.write_json(layout.metrics("qat"), metrics)
-    layout.qat_checkpoint.unlink(missing_ok=True)
+
+    publish_run(workspace, "qat", result, metrics, write_models, resumable)
     print(
         f"qat: val accuracy fp32 {metrics['fp32_val_accuracy']:.4f}, ptq int8 "
         f"{metrics['ptq_val_accuracy']:.4f}, qat int8 {metrics['int8_val_accuracy']:.4f}, "
@@ -110,7 +108,7 @@ def qat(params: QatParams, layout: Layout) -> dict:
 
 def main(args) -> None:
     """Quantization-aware fine-tuning (and a PTQ baseline) of the trained model."""
-    qat(load_params(args.params).qat, project_layout())
+    qat(load_params(args.params).qat, project_workspace())
 
 
 if __name__ == "__main__":

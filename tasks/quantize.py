@@ -4,14 +4,18 @@ rebuild a prepared model from its state_dict (a converted int8 module cannot be 
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
-from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+from torch.ao.quantization import (
+    get_default_qat_qconfig_mapping,
+    get_default_qconfig_mapping,
+)
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
-from tasks.model import build_model
+from tasks.contracts import ModelConfig
+from tasks.model import build_model, stored_config
 
 Kind = Literal["qat", "ptq"]
 
@@ -33,18 +37,17 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return convert_fx(copy.deepcopy(prepared).eval())
 
 
-def save_prepared(f, prepared: nn.Module, config: dict[str, Any], kind: Kind, backend: str) -> None:
-    torch.save(
-        {"config": config, "kind": kind, "backend": backend, "state_dict": prepared.state_dict()}, f
-    )
+def save_prepared(f, prepared: nn.Module, config: ModelConfig, kind: Kind, backend: str) -> None:
+    torch.save({"config": config.model_dump(), "kind": kind, "backend": backend,
+                "state_dict": prepared.state_dict()}, f)
 
 
-def load_int8(path) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
+def load_int8(path) -> tuple[torch.fx.GraphModule, str]:
     """Rebuild the prepared graph the same way it was made, load its observed/fake-quant state,
-    and convert. Returns the int8 module and the file's config/kind/backend."""
+    and convert. Returns the int8 module and the quantized engine it was prepared for."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    example = torch.zeros(1, *saved["config"]["input_shape"])
-    prepared = prepare(build_model(saved["config"]), saved["kind"], saved["backend"], example)
+    config = stored_config(saved, path)
+    example = torch.zeros(1, *config.input_shape)
+    prepared = prepare(build_model(config), saved["kind"], saved["backend"], example)
     prepared.load_state_dict(saved["state_dict"])
-    info = {k: saved[k] for k in ("config", "kind", "backend")}
-    return convert(prepared), info
+    return convert(prepared), saved["backend"]

@@ -1,16 +1,11 @@
-"""Data sources named by `data.source`, and the layout their samples take.
+"""Data sources named by `data.source`.
 
 A source is `builtin:mnist5k`, `builtin:digits`, or a path (relative to the project root) to an
 .npz file (arrays `x`, `y`; optional `x_test`/`y_test`, `class_names`), a .csv file (a header
 row, a label column, numeric feature columns) or a folder with one sub-folder of images per class.
 Large .npz arrays are never loaded here: `Source.x` streams them (tasks/npyio.py).
 
-Layouts (`data.layout`), with x of shape (N, ...):
-  vectors   (N, F): any sample shape, flattened.
-  sequences (N, C, L): (N, L) becomes (N, 1, L); (N, C, L) is kept.
-  images    (N, C, H, W): (N, H, W) becomes (N, 1, H, W); (N, C, H, W) is kept.
-  auto      1-D and 2-D x are vectors, 4-D x is images, and 3-D x (N, A, B) is sequences of A channels when
-            4 * A <= B (few channels, a long signal), else images (N, 1, A, B).
+The layout their samples then take (`data.layout`, and how `auto` decides) is in tasks/layout.py.
 """
 
 from __future__ import annotations
@@ -28,9 +23,6 @@ from tasks.npyio import InMemory, NpyStream, Rows, npz_members
 from tasks.params import DataParams
 from tasks.readers import array_stream, read_csv, read_image_folder
 
-# Sample ranks each explicit layout accepts; the lower one gains a channel axis of 1.
-LAYOUT_RANKS = {"sequences": (1, 2), "images": (2, 3)}
-
 
 def sample_label(i: int) -> str:
     return f"sample {i}"
@@ -45,30 +37,6 @@ class Source:
     origin: str
     test: tuple[Rows, np.ndarray] | None = None  # a fixed test split (x_test, y_test)
     row_label: Callable[[int], str] = sample_label  # how messages name x's row i
-
-
-def resolve_layout(requested: str, sample_shape: tuple[int, ...], name: str) -> tuple[str, tuple[int, ...]]:
-    """The layout and canonical per-sample shape for samples of `sample_shape` (module docstring)."""
-    rank = len(sample_shape)
-    layout = requested
-    if requested == "auto":
-        if rank <= 1:
-            layout = "vectors"
-        elif rank == 3:
-            layout = "images"
-        elif rank == 2:
-            channels, length = sample_shape
-            layout = "sequences" if 4 * channels <= length else "images"
-        else:
-            raise DataError(f"{name}: data.layout auto cannot tell what samples of shape "
-                            f"{sample_shape} are; set data.layout (vectors flattens any shape)")
-    if layout == "vectors":
-        return layout, (int(np.prod(sample_shape)),)
-    if rank not in LAYOUT_RANKS[layout]:
-        wanted = "(L) or (C, L)" if layout == "sequences" else "(H, W) or (C, H, W)"
-        raise DataError(f"{name}: data.layout {layout} needs samples of shape {wanted}, "
-                        f"these are {sample_shape}")
-    return layout, ((1, *sample_shape) if rank == LAYOUT_RANKS[layout][0] else sample_shape)
 
 
 def _package_file(package: str, relative: str) -> Path:

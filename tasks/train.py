@@ -8,19 +8,23 @@ which a killed run resumes; the checkpoint is removed once the outputs are publi
 
 from __future__ import annotations
 
-import json
-
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.atomic import staged_outputs
+from tasks.checkpoint import Checkpointing, TrainingState, fingerprint
 from tasks.cli import run_stage
-from tasks.layout import Layout, project_layout
+from tasks.environment import environment
 from tasks.loop import (
-    Checkpointing, fingerprint, fit, history_csv, load_split, log_run_summary, seed_everything,
+    FitConfig,
+    fit,
+    load_stage_inputs,
+    log_run_summary,
+    publish_run,
+    seed_everything,
 )
 from tasks.model import build_model, model_config, save_checkpoint
 from tasks.params import TrainParams, load_params
+from tasks.workspace import Workspace, project_workspace
 
 
 def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -41,27 +45,23 @@ def make_scheduler(params: TrainParams, optimizer, steps_per_epoch: int):
     return None
 
 
-def train(params: TrainParams, layout: Layout) -> dict:
-    layout.require(layout.prepared / "meta.json")
+def train(params: TrainParams, workspace: Workspace) -> dict:
     generator = seed_everything(params.seed, params.threads)
-    meta = json.loads((layout.prepared / "meta.json").read_text())
-    train_set, val_set = load_split(layout.prepared, "train"), load_split(layout.prepared, "val")
-    config = model_config(meta["layout"], meta["input_shape"], len(meta["class_names"]), params.model)
+    inputs = load_stage_inputs(workspace)
+    meta, train_set = inputs.meta, inputs.train
+    config = model_config(meta.layout, meta.input_shape, len(meta.class_names), params.model)
     model = build_model(config)
     optimizer = make_optimizer(params, model)
-    steps_per_epoch = -(-len(train_set.y) // params.batch_size)
-    scheduler = make_scheduler(params, optimizer, steps_per_epoch)
+    scheduler = make_scheduler(params, optimizer, -(-len(train_set.y) // params.batch_size))
+    training = TrainingState(model, optimizer, scheduler, generator)
+    resumable = Checkpointing(workspace.train_checkpoint,
+                              fingerprint("train", params, workspace.root))
+    fit_config = FitConfig("train", params.epochs, params.batch_size, params.augment_shift,
+                           params.label_smoothing, params.patience)
 
-    with SummaryWriter(layout.tensorboard("train")) as writer:
+    with SummaryWriter(workspace.tensorboard("train")) as writer:
         writer.add_graph(model.eval(), train_set.x[:1])
-        result = fit(
-            model, train_set, val_set, stage="train", epochs=params.epochs,
-            batch_size=params.batch_size, optimizer=optimizer, scheduler=scheduler,
-            generator=generator, writer=writer, augment_shift=params.augment_shift,
-            label_smoothing=params.label_smoothing, patience=params.patience,
-            checkpoint=Checkpointing(layout.train_checkpoint, fingerprint(
-                "train", params, {"data": [layout.prepared]}, ["train", "loop", "model", "augment"])),
-        )
+        result = fit(training, train_set, inputs.val, fit_config, writer, resumable=resumable)
         best = result.history[result.best_epoch - 1]
         metrics = {
             "best_epoch": result.best_epoch,
@@ -69,21 +69,22 @@ def train(params: TrainParams, layout: Layout) -> dict:
             "val_accuracy": round(best.val_accuracy, 6),
             "val_loss": round(best.val_loss, 6),
             "parameters": sum(p.numel() for p in model.parameters()),
+            # Weights are bitwise repeatable on one CPU kind with these versions only: recorded
+            # so that `dvc exp show` and `dvc metrics diff` show where a run was made.
+            "environment": environment(),
         }
         hparams = params.model_dump(exclude={"model"}) | {
-            "family": config["family"], "widths": str(config["widths"]),
-            "convs_per_stage": config["convs_per_stage"], "dropout": config["dropout"],
+            "family": config.family, "widths": str(config.widths),
+            "convs_per_stage": config.convs_per_stage, "dropout": config.dropout,
         }
-        log_run_summary(
-            writer, result, meta["class_names"], hparams, metrics, "train: validation, best epoch"
-        )
+        log_run_summary(writer, result, meta.class_names, hparams, metrics,
+                        "train: validation, best epoch")
 
     model.load_state_dict(result.best_state)
-    with staged_outputs() as out:
-        out.write_with(layout.train_model, lambda f: save_checkpoint(f, model, config))
-        out.write_text(layout.plots("train") / "history.csv", history_csv(result.history))
-        out.write_json(layout.metrics("train"), metrics)
-    layout.train_checkpoint.unlink(missing_ok=True)
+    publish_run(workspace, "train", result, metrics,
+                lambda out: out.write_with(workspace.train_model,
+                                           lambda f: save_checkpoint(f, model, config)),
+                resumable)
     print(
         f"train: best epoch {result.best_epoch}/{len(result.history)}, val accuracy "
         f"{best.val_accuracy:.4f}, {result.seconds:.1f}s"
@@ -93,7 +94,7 @@ def train(params: TrainParams, layout: Layout) -> dict:
 
 def main(args) -> None:
     """Train the fp32 model on data/prepared."""
-    train(load_params(args.params).train, project_layout())
+    train(load_params(args.params).train, project_workspace())
 
 
 if __name__ == "__main__":

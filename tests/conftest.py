@@ -86,7 +86,7 @@ def locked_outputs(project: Path) -> dict[str, str]:
 
 
 # Outputs whose bytes depend on measured time; everything else must reproduce exactly.
-TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency/tradeoff.png"}
+TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency"}
 STAGES = ["prepare", "train", "qat", "export", "evaluate"]
 
 
@@ -94,18 +94,18 @@ STAGES = ["prepare", "train", "qat", "export", "evaluate"]
 def tiny_workspace(tmp_path_factory: pytest.TempPathFactory):
     """prepare -> train -> qat -> export run in-process once, on tiny params, for the stage tests."""
     from tasks.export import export
-    from tasks.layout import Layout
     from tasks.params import parse_params
     from tasks.prepare import prepare
     from tasks.qat import qat
     from tasks.train import train
+    from tasks.workspace import Workspace
 
     root = tmp_path_factory.mktemp("workspace")
     os.environ["QATFLOW_RUN_NAME"] = "tiny"
     params = parse_params(TINY_PARAMS)
-    layout = Layout(root)
-    prepare(params.data, params.prepare, layout)
-    train(params.train, layout)
-    qat(params.qat, layout)
-    export(params.export, layout)
-    return layout, params
+    workspace = Workspace(root)
+    prepare(params.data, params.prepare, workspace)
+    train(params.train, workspace)
+    qat(params.qat, workspace)
+    export(params.export, workspace)
+    return workspace, params

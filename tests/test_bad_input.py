@@ -13,9 +13,9 @@ import yaml
 from PIL import Image
 
 from tasks.errors import DataError, ParamsError
-from tasks.layout import Layout
 from tasks.params import load_params, parse_params
 from tasks.prepare import prepare
+from tasks.workspace import Workspace
 
 from conftest import REPO
 
@@ -42,7 +42,7 @@ def project(tmp_path, monkeypatch) -> Path:
 
 def run_prepare(root: Path, **data) -> dict:
     params = parse_params({"data": data})
-    return prepare(params.data, params.prepare, Layout(root))
+    return prepare(params.data, params.prepare, Workspace(root))
 
 
 def refused(root: Path, match: str, **data) -> None:

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from tasks.variants import VARIANTS
+
 from conftest import REPO, run
 
 # Speaks qatflow_runner's interface: logits to --out, a JSON report as the last stdout line.
@@ -27,11 +29,11 @@ RATIOS = ["int8_vs_fp32ts_bs1", "int8_vs_fp32ts_bs64", "size_ratio", "accuracy_d
 
 
 def test_quick_benchmark_on_tiny_workspace(tiny_workspace, tmp_path):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     runner = tmp_path / "qatflow_runner"
     runner.write_text(FAKE_RUNNER.format(python=sys.executable))
     runner.chmod(0o755)
-    bench = [sys.executable, "-m", "bench.benchmark", "--quick", "--root", str(layout.root)]
+    bench = [sys.executable, "-m", "bench.benchmark", "--quick", "--root", str(workspace.root)]
 
     run(*bench, "--out", str(tmp_path / "cpp"), "--runner", str(runner), cwd=REPO)
     results = json.loads((tmp_path / "cpp" / "results.json").read_text())
@@ -40,14 +42,17 @@ def test_quick_benchmark_on_tiny_workspace(tiny_workspace, tmp_path):
         assert results["targets"][key]["passed"] in (True, False)
     # --quick skips the training overhead; the tiny workspace is no DVC project.
     assert results["train_overhead"] is None and results["noop_repro_s"] is None
+    # Every variant once in Python, every TorchScript file once more through the C++ runner.
+    assert list(results["variants"]) == list(VARIANTS)
+    assert sorted(results["cpp"]) == sorted(f"cpp_{n}" for n, v in VARIANTS.items() if v.runtime == "torchscript")
     for variant in [*results["variants"].values(), *results["cpp"].values()]:
         for threads in ("threads_1", "threads_2"):
             for batch in ("batch_1", "batch_64"):
                 assert all(v > 0 for v in variant["latency_ms"][threads][batch].values())
         assert variant["size_bytes"] > 0
     assert results["cpp"]["cpp_int8"]["latency_ms"]["threads_2"]["batch_64"] == {"median_ms": 0.5, "p90_ms": 0.75}
-    with np.load(layout.prepared / "test.npz") as test:  # the stand-in's logits always say class 0
-        assert results["cpp"]["cpp_fp32"]["accuracy"] == round(float(np.mean(test["y"] == 0)), 6)
+    with np.load(workspace.prepared / "test.npz") as test:  # the stand-in's logits always say class 0
+        assert results["cpp"]["cpp_fp32_ts"]["accuracy"] == round(float(np.mean(test["y"] == 0)), 6)
     assert (tmp_path / "cpp" / "results.png").stat().st_size > 0
 
     out = run(*bench, "--out", str(tmp_path / "no-cpp"), "--runner", str(tmp_path / "missing"), "--threads", "1",

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.variants import VARIANTS
+
 from conftest import REPO
 
 SOURCE = REPO / "deploy" / "cpp"
@@ -70,8 +72,8 @@ def python_logits(model_path: Path, x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def test_inputs(tiny_workspace, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    layout, _ = tiny_workspace
-    with np.load(layout.prepared / "test.npz", allow_pickle=False) as test:
+    workspace, _ = tiny_workspace
+    with np.load(workspace.prepared / "test.npz", allow_pickle=False) as test:
         x = np.ascontiguousarray(test["x"], dtype=np.float32)  # already normalized by prepare
     path = tmp_path_factory.mktemp("cpp-inputs") / "inputs.npy"
     np.save(path, x)
@@ -80,15 +82,15 @@ def test_inputs(tiny_workspace, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
 def test_runner_matches_python(runner, tiny_workspace, test_inputs, tmp_path, variant):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     inputs, x = test_inputs
-    model = {"fp32": layout.fp32_ts, "int8": layout.int8_ts}[variant]
+    model = {"fp32": VARIANTS["fp32_ts"].path(workspace), "int8": VARIANTS["int8"].path(workspace)}[variant]
     out = tmp_path / "logits.npy"
     result = summary(run_runner(runner, model, inputs, "--out", out, "--repeats", "5"))
 
     cpp = np.load(out, allow_pickle=False)
     reference = python_logits(model, x)
-    classes = len(json.loads((layout.prepared / "meta.json").read_text())["class_names"])
+    classes = len(json.loads((workspace.prepared / "meta.json").read_text())["class_names"])
     assert cpp.dtype == np.float32 and cpp.shape == reference.shape == (len(x), classes)
     if variant == "fp32":
         assert np.allclose(cpp, reference, rtol=1e-4, atol=1e-4), np.abs(cpp - reference).max()
@@ -104,10 +106,10 @@ def test_runner_matches_python(runner, tiny_workspace, test_inputs, tmp_path, va
 
 
 def test_runner_repeats_inputs_for_a_batch_larger_than_the_data(runner, tiny_workspace, test_inputs):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     inputs, x = test_inputs
     big = 2 * len(x) + 1
-    result = summary(run_runner(runner, layout.int8_ts, inputs, "--batch-sizes", str(big),
+    result = summary(run_runner(runner, VARIANTS["int8"].path(workspace), inputs, "--batch-sizes", str(big),
                                 "--repeats", "2", "--threads", "1"))
     assert list(result["latency_ms"]) == [f"batch_{big}"] and result["threads"] == 1
 
@@ -115,10 +117,10 @@ def test_runner_repeats_inputs_for_a_batch_larger_than_the_data(runner, tiny_wor
 def test_runner_switches_to_the_backend_meta_names(runner, tiny_workspace, test_inputs, tmp_path):
     # The same int8 model, labelled for qnnpack: its weights must be prepacked and run by qnnpack,
     # as Python does when the engine is set before loading.
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     inputs, x = test_inputs
     extra = {"meta.json": ""}
-    model = torch.jit.load(str(layout.int8_ts), _extra_files=extra)
+    model = torch.jit.load(str(VARIANTS["int8"].path(workspace)), _extra_files=extra)
     meta = json.loads(extra["meta.json"]) | {"backend": "qnnpack"}
     relabelled = tmp_path / "int8_qnnpack.pt"
     torch.jit.save(model, str(relabelled), _extra_files={"meta.json": json.dumps(meta)})
@@ -128,7 +130,7 @@ def test_runner_switches_to_the_backend_meta_names(runner, tiny_workspace, test_
     cpp, reference = np.load(out), python_logits(relabelled, x)
     assert result["backend"] == "qnnpack"
     assert np.allclose(cpp, reference, rtol=1e-4, atol=1e-4), np.abs(cpp - reference).max()
-    assert not np.array_equal(cpp, python_logits(layout.int8_ts, x)), "qnnpack gave x86's exact logits"
+    assert not np.array_equal(cpp, python_logits(VARIANTS["int8"].path(workspace), x)), "qnnpack gave x86's exact logits"
 
 
 def write_bad_inputs(kind: str, path: Path, x: np.ndarray) -> str:
@@ -151,12 +153,12 @@ def write_bad_inputs(kind: str, path: Path, x: np.ndarray) -> str:
 
 @pytest.mark.parametrize("kind", ["float64", "random bytes", "truncated", "wrong channels"])
 def test_bad_inputs_are_a_clear_error(runner, tiny_workspace, test_inputs, tmp_path, kind):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     _, x = test_inputs
     bad = tmp_path / "bad inputs.npy"
     expected = write_bad_inputs(kind, bad, x)
     out = tmp_path / "logits.npy"
-    done = run_runner(runner, layout.int8_ts, bad, "--out", out)
+    done = run_runner(runner, VARIANTS["int8"].path(workspace), bad, "--out", out)
     assert done.returncode != 0
     assert str(bad) in done.stderr and expected in done.stderr, done.stderr
     assert "Exception raised from" not in done.stderr  # no C++ backtrace, just the message

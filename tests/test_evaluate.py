@@ -19,12 +19,21 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from tasks import figures
 from tasks.atomic import write_with
+from tasks.contracts import (
+    ExportedMeta,
+    Normalization,
+    PreparedMeta,
+    prepared_meta_text,
+    read_prepared_meta,
+)
 from tasks.errors import DataError
-from tasks.evaluate import VARIANTS, evaluate
-from tasks.scores import calibration, class_scores, confusion_matrix
-from tasks.layout import Layout
+from tasks.evaluate import evaluate
+from tasks.export import EXPORTERS
 from tasks.model import build_model, model_config, save_checkpoint
 from tasks.params import EvaluateParams, ModelParams
+from tasks.scores import calibration, class_scores, confusion_matrix
+from tasks.variants import VARIANTS
+from tasks.workspace import Workspace
 
 CLASSES = ["top-left", "top-right", "bottom"]  # where the bright patch is
 SHAPE = [1, 28, 28]
@@ -52,9 +61,12 @@ def to_int8(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     return convert_fx(prepared)
 
 
-def save_torchscript(path, model: torch.nn.Module, x: torch.Tensor, meta: dict) -> None:
-    scripted = torch.jit.freeze(torch.jit.trace(model.eval(), x[:1]))
-    write_with(path, lambda f: torch.jit.save(scripted, f, _extra_files={"meta.json": json.dumps(meta)}))
+def save_export(variant: str, workspace: Workspace, model: torch.nn.Module, x: torch.Tensor,
+                meta: ExportedMeta) -> None:
+    """The file export would write for `variant`, written by export's own writer for its runtime."""
+    entry = VARIANTS[variant]
+    data = EXPORTERS[entry.runtime](model, x, meta.model_copy(update={"variant": variant}))
+    write_with(entry.path(workspace), lambda f: f.write(data))
 
 
 def write_history(path, epochs: int, start_loss: float) -> None:
@@ -68,18 +80,17 @@ def write_history(path, epochs: int, start_loss: float) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A project folder with everything evaluate reads; returns (layout, an untrained model, x)."""
-    layout = Layout(tmp_path_factory.mktemp("project"))
+    """A project folder with everything evaluate reads; returns (workspace, an untrained model, x)."""
+    workspace = Workspace(tmp_path_factory.mktemp("project"))
     x_raw, y = synthetic_data()
     mean, std = x_raw.mean() / 255, x_raw.std() / 255
     x = ((x_raw / 255 - mean) / std).astype(np.float32)
-    norm = {"scale": 255.0, "mean": [float(mean)], "std": [float(std)]}
-    layout.prepared.mkdir(parents=True)
-    np.savez(layout.prepared / "test.npz", x=x, y=y, x_raw=x_raw)
-    (layout.prepared / "meta.json").write_text(
-        json.dumps({"layout": "images", "class_names": CLASSES, "input_shape": SHAPE,
-                    "normalization": norm})
-    )
+    norm = Normalization(scale=255.0, mean=[float(mean)], std=[float(std)])
+    workspace.prepared.mkdir(parents=True)
+    np.savez(workspace.prepared / "test.npz", x=x, y=y, x_raw=x_raw)
+    (workspace.prepared / "meta.json").write_text(prepared_meta_text(PreparedMeta(
+        source="synthetic", layout="images", layout_reason="set by the test", class_names=CLASSES,
+        input_shape=SHAPE, normalization=norm, samples={"test": len(y)})))
 
     torch.manual_seed(0)
     config = model_config("images", SHAPE, len(CLASSES), ModelParams(widths=[8, 16], dropout=0.0))
@@ -92,15 +103,20 @@ def project(tmp_path_factory):
         optimizer.step()
     model.eval()
 
-    write_with(layout.train_model, lambda f: save_checkpoint(f, model, config))
-    meta = {"class_names": CLASSES, "input_shape": SHAPE, "normalization": norm,
-            "backend": None, "torch_version": torch.__version__}
-    save_torchscript(layout.fp32_ts, model, xt, meta)
-    save_torchscript(layout.ptq_ts, to_int8(model, xt[:8]), xt, meta | {"backend": "x86"})
-    save_torchscript(layout.int8_ts, to_int8(model, xt), xt, meta | {"backend": "x86"})
-    write_history(layout.plots("train") / "history.csv", 5, 2.0)
-    write_history(layout.plots("qat") / "history.csv", 2, 0.3)
-    return layout, to_int8(untrained.eval(), xt), xt
+    write_with(workspace.train_model, lambda f: save_checkpoint(f, model, config))
+    meta = ExportedMeta(variant="", class_names=CLASSES, input_shape=SHAPE, normalization=norm,
+                        backend=None, torch_version=str(torch.__version__), model=config)
+    int8_meta = meta.model_copy(update={"backend": "x86"})
+    save_export("fp32_ts", workspace, model, xt, meta)
+    save_export("fp32_pt2", workspace, model, xt, meta)
+    save_export("ptq", workspace, to_int8(model, xt[:8]), xt, int8_meta)
+    save_export("int8", workspace, to_int8(model, xt), xt, int8_meta)
+    workspace.metrics("export").parent.mkdir(parents=True, exist_ok=True)
+    workspace.metrics("export").write_text(json.dumps(
+        {"gate": {"accuracy_drop": 0.0, "max_accuracy_drop": 0.5, "passed": True}}))
+    write_history(workspace.plots("train") / "history.csv", 5, 2.0)
+    write_history(workspace.plots("qat") / "history.csv", 2, 0.3)
+    return workspace, to_int8(untrained.eval(), xt), xt
 
 
 def read_csv(path) -> list[dict]:
@@ -109,27 +125,32 @@ def read_csv(path) -> list[dict]:
 
 
 def test_evaluate_writes_sane_and_reproducible_outputs(project):
-    layout, _, x = project
-    metrics = evaluate(FAST, layout)
+    workspace, _, x = project
+    metrics = evaluate(FAST, workspace)
 
-    saved = json.loads(layout.metrics("evaluate").read_text())
+    saved = json.loads(workspace.metrics("evaluate").read_text())
     assert saved == metrics
     for variant in VARIANTS:
         assert set(saved[variant]) == {"accuracy", "macro_f1", "ece", "size_bytes", "sha256"}
         assert 0 <= saved[variant]["accuracy"] <= 1 and 0 <= saved[variant]["macro_f1"] <= 1
         assert saved[variant]["size_bytes"] > 0
     assert saved["fp32"]["accuracy"] > 0.8  # the fixture model did learn
-    assert saved["fp32"]["accuracy"] == saved["fp32_ts"]["accuracy"]
+    assert saved["fp32"]["accuracy"] == saved["fp32_ts"]["accuracy"] == saved["fp32_pt2"]["accuracy"]
     assert saved["size_ratio"] > 1
     assert saved["accuracy_drop"] == pytest.approx(
         100 * (saved["fp32"]["accuracy"] - saved["int8"]["accuracy"]), abs=1e-3)
     assert "gate" not in saved  # export's: a model that fails it never gets here
-    files = {"fp32": layout.train_model, "fp32_ts": layout.fp32_ts, "ptq": layout.ptq_ts,
-             "int8": layout.int8_ts}
-    for variant, path in files.items():
-        assert saved[variant]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(), variant
+    for name, variant in VARIANTS.items():
+        assert saved[name]["sha256"] == hashlib.sha256(variant.path(workspace).read_bytes()).hexdigest(), name
 
-    latency = json.loads(layout.latency.read_text())
+    report = json.loads((workspace.plots("latency") / "summary.json").read_text())
+    assert [row["variant"] for row in report["rows"]] == [v.label for v in VARIANTS.values()]
+    assert report["headline"]["int8_accuracy"] == saved["int8"]["accuracy"] and report["gate"]["passed"]
+    summary = (workspace.plots("latency") / "summary.md").read_text()
+    assert summary.startswith("# qatflow run") and "**Gate**" in summary
+    assert all(v.label in summary for v in VARIANTS.values())
+
+    latency = json.loads(workspace.latency.read_text())
     for variant in VARIANTS:
         for batch in ("batch_1", "batch_8"):
             timing = latency[variant][batch]
@@ -137,7 +158,7 @@ def test_evaluate_writes_sane_and_reproducible_outputs(project):
     assert set(latency["int8_speedup_vs_fp32_ts"]) == {"batch_1", "batch_8"}
     assert latency["threads"] == 1 and latency["torch_version"] == torch.__version__
 
-    out = layout.plots("evaluate")
+    out = workspace.plots("evaluate")
     confusion = read_csv(out / "confusion.csv")
     assert len(confusion) == len(x)
     assert {row["actual"] for row in confusion} <= set(CLASSES)
@@ -148,43 +169,43 @@ def test_evaluate_writes_sane_and_reproducible_outputs(project):
     for variant in ("fp32", "int8"):
         assert sum(int(row["count"]) for row in bins if row["variant"] == variant) == len(x)
 
-    tradeoff = layout.plots("latency") / "tradeoff.png"
+    tradeoff = workspace.plots("latency") / "tradeoff.png"
     for png in [*(out / f"{name}.png" for name in PNGS), tradeoff]:
         assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
         assert png.stat().st_size > 5000, png
 
     # Everything but the timings repeats byte for byte.
-    stable = [layout.metrics("evaluate"), *sorted(out.iterdir())]
+    stable = [workspace.metrics("evaluate"), *sorted(out.iterdir())]
     first = [p.read_bytes() for p in stable]
-    evaluate(FAST, layout)
+    evaluate(FAST, workspace)
     assert [p.name for p, data in zip(stable, first) if p.read_bytes() != data] == []
 
 
 def test_evaluate_on_the_real_pipeline_outputs(tiny_workspace):
     """The same checks on what prepare -> train -> qat -> export actually produce."""
-    layout, params = tiny_workspace
-    metrics = evaluate(params.evaluate, layout)
+    workspace, params = tiny_workspace
+    metrics = evaluate(params.evaluate, workspace)
     assert metrics["int8"]["size_bytes"] < metrics["fp32_ts"]["size_bytes"]
     assert metrics["fp32"]["accuracy"] == metrics["fp32_ts"]["accuracy"]
-    export_report = json.loads(layout.metrics("export").read_text())
+    export_report = json.loads(workspace.metrics("export").read_text())
     # Export gated on the same files and counts, so it saw the same drop.
     assert export_report["gate"]["accuracy_drop"] == metrics["accuracy_drop"]
-    test_size = json.loads((layout.prepared / "meta.json").read_text())["samples"]["test"]
-    assert len(read_csv(layout.plots("evaluate") / "confusion.csv")) == test_size == metrics["test_samples"]
-    assert sorted(p.name for p in layout.plots("evaluate").glob("*.png")) == sorted(f"{n}.png" for n in PNGS)
+    test_size = read_prepared_meta(workspace.prepared).samples["test"]
+    assert len(read_csv(workspace.plots("evaluate") / "confusion.csv")) == test_size == metrics["test_samples"]
+    assert sorted(p.name for p in workspace.plots("evaluate").glob("*.png")) == sorted(f"{n}.png" for n in PNGS)
 
 
 def test_a_failing_evaluate_leaves_the_previous_metrics_and_plots(project, tmp_path):
-    layout, _, _ = project
-    failing = Layout(tmp_path / "failing")
-    shutil.copytree(layout.root, failing.root)
+    workspace, _, _ = project
+    failing = Workspace(tmp_path / "failing")
+    shutil.copytree(workspace.root, failing.root)
     evaluate(FAST, failing)
     outputs = [failing.metrics("evaluate"), failing.latency, failing.plots("latency") / "tradeoff.png",
                *failing.plots("evaluate").iterdir()]
     before = {path: path.read_bytes() for path in outputs}
-    failing.int8_ts.write_bytes(failing.int8_ts.read_bytes()[:1000])  # truncated, say by a full disk
+    VARIANTS["int8"].path(failing).write_bytes(VARIANTS["int8"].path(failing).read_bytes()[:1000])  # truncated, say by a full disk
 
-    with pytest.raises(DataError, match="int8.pt: not a TorchScript file"):
+    with pytest.raises(DataError, match="int8.pt: not a model file qatflow exported"):
         evaluate(FAST, failing)
 
     assert {path: path.read_bytes() for path in outputs} == before

@@ -8,6 +8,7 @@ import torch
 
 from tasks.errors import GateFailed
 from tasks.export import PARITY_SCRIPT, export
+from tasks.variants import EXPORTED, VARIANTS
 
 # A consumer that has never heard of qatflow: only torch, numpy and the file.
 CONSUMER = """
@@ -38,13 +39,13 @@ def run_consumer(model_path, inputs, tmp_path) -> dict:
 
 
 def test_exported_files_load_without_qatflow_and_carry_metadata(tiny_workspace, tmp_path):
-    layout, _ = tiny_workspace
-    with np.load(layout.prepared / "test.npz") as test:
+    workspace, _ = tiny_workspace
+    with np.load(workspace.prepared / "test.npz") as test:
         np.savez(tmp_path / "inputs.npz", x_raw=test["x_raw"][:20])
         labels = test["y"][:20]
-    prepared = json.loads((layout.prepared / "meta.json").read_text())
+    prepared = json.loads((workspace.prepared / "meta.json").read_text())
     results = {}
-    for path in (layout.fp32_ts, layout.int8_ts, layout.ptq_ts):
+    for path in (VARIANTS[name].path(workspace) for name in ("fp32_ts", "int8", "ptq")):
         results[path.name] = run_consumer(path, tmp_path / "inputs.npz", tmp_path)
         meta = results[path.name]["meta"]
         assert meta["class_names"] == prepared["class_names"]
@@ -57,45 +58,46 @@ def test_exported_files_load_without_qatflow_and_carry_metadata(tiny_workspace, 
 
 
 def test_int8_file_is_much_smaller_and_quantized(tiny_workspace):
-    layout, _ = tiny_workspace
-    assert layout.fp32_ts.stat().st_size / layout.int8_ts.stat().st_size > 3
-    graph = str(torch.jit.load(str(layout.int8_ts)).inlined_graph)
+    workspace, _ = tiny_workspace
+    assert VARIANTS["fp32_ts"].path(workspace).stat().st_size / VARIANTS["int8"].path(workspace).stat().st_size > 3
+    graph = str(torch.jit.load(str(VARIANTS["int8"].path(workspace))).inlined_graph)
     assert "quantized::conv2d_relu" in graph and "quantize_per_tensor" in graph
 
 
 def test_export_report_records_parity(tiny_workspace):
-    layout, params = tiny_workspace
-    report = json.loads(layout.metrics("export").read_text())
-    assert report["fp32"]["allclose"] and report["fp32"]["max_abs_diff"] <= params.export.fp32_tolerance
+    workspace, params = tiny_workspace
+    report = json.loads(workspace.metrics("export").read_text())
+    assert set(report) == {*EXPORTED, "gate"}
+    assert report["fp32_ts"]["allclose"] and report["fp32_ts"]["max_abs_diff"] <= params.export.fp32_tolerance
     assert report["int8"]["argmax_agreement"] >= params.export.int8_min_agreement
-    assert report["int8"]["size_bytes"] == layout.int8_ts.stat().st_size
+    assert report["int8"]["size_bytes"] == VARIANTS["int8"].path(workspace).stat().st_size
     gate = report["gate"]
     assert gate["passed"] is True and gate["max_accuracy_drop"] == params.export.max_accuracy_drop
     assert gate["accuracy_drop"] <= gate["max_accuracy_drop"]
 
 
 def test_failed_parity_keeps_previous_models(tiny_workspace):
-    layout, params = tiny_workspace
-    kept = (layout.fp32_ts, layout.fp32_pt2, layout.int8_ts, layout.ptq_ts, layout.metrics("export"))
+    workspace, params = tiny_workspace
+    kept = (*(v.path(workspace) for v in EXPORTED.values()), workspace.metrics("export"))
     before = {p: p.read_bytes() for p in kept}
     impossible = params.export.model_copy(update={"fp32_tolerance": 1e-30})
     with pytest.raises(GateFailed, match="parity check failed.*previous models left in place"):
-        export(impossible, layout)
+        export(impossible, workspace)
     assert before == {p: p.read_bytes() for p in before}
-    assert not [p for p in layout.root.rglob(".*") if p.name.endswith(".staged")]
+    assert not [p for p in workspace.root.rglob(".*") if p.name.endswith(".staged")]
 
 
 def test_fp32_exported_program_matches_torchscript_with_any_batch(tiny_workspace):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     extra = {"meta.json": ""}
-    program = torch.export.load(str(layout.fp32_pt2), extra_files=extra)
+    program = torch.export.load(str(VARIANTS["fp32_pt2"].path(workspace)), extra_files=extra)
     assert json.loads(extra["meta.json"])["variant"] == "fp32_pt2"
-    scripted = torch.jit.load(str(layout.fp32_ts))
-    with np.load(layout.prepared / "test.npz") as test:
+    scripted = torch.jit.load(str(VARIANTS["fp32_ts"].path(workspace)))
+    with np.load(workspace.prepared / "test.npz") as test:
         x = torch.from_numpy(test["x"])
     for batch in (1, 7, len(x)):
         torch.testing.assert_close(program.module()(x[:batch]), scripted(x[:batch]), rtol=1e-4, atol=1e-4)
-    report = json.loads(layout.metrics("export").read_text())
+    report = json.loads(workspace.metrics("export").read_text())
     assert report["fp32_pt2"]["allclose"] is True
 
 
@@ -107,10 +109,10 @@ def test_parity_script_stands_alone():
 def test_exported_files_hold_no_paths_of_this_machine(tiny_workspace):
     # Traced ops remember their Python stack; export drops that debug info so the same model
     # saved from any checkout has the same bytes (and the same DVC hash).
-    layout, _ = tiny_workspace
-    for path in (layout.fp32_ts, layout.int8_ts, layout.ptq_ts, layout.fp32_pt2):
+    workspace, _ = tiny_workspace
+    for path in (v.path(workspace) for v in EXPORTED.values()):
         data = path.read_bytes()
-        assert str(layout.root).encode() not in data and b"site-packages" not in data, path.name
+        assert str(workspace.root).encode() not in data and b"site-packages" not in data, path.name
         if path.suffix == ".pt":
             records = torch._C.PyTorchFileReader(str(path)).get_all_records()
             assert not [r for r in records if r.endswith(".debug_pkl")], path.name

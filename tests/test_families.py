@@ -4,18 +4,18 @@ convert to real int8 kernels, pass export's parity check and get evaluate's figu
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from tasks.contracts import Normalization, PreparedMeta, prepared_meta_text
 from tasks.evaluate import evaluate
 from tasks.export import export
-from tasks.layout import Layout
 from tasks.params import parse_params
 from tasks.qat import qat
 from tasks.train import train
+from tasks.variants import VARIANTS
+from tasks.workspace import Workspace
 
 CLASSES = ["a", "b", "c"]
 N = 240  # 70/15/15: 168 train, 36 val, 36 test
@@ -52,17 +52,17 @@ def write_prepared(root, layout: str, x_raw: np.ndarray, y: np.ndarray) -> None:
     broadcast = (1, -1) + (1,) * (x.ndim - 2)
     x = ((x - mean.reshape(broadcast)) / std.reshape(broadcast)).astype(np.float32)
     bounds = {"train": (0, 168), "val": (168, 204), "test": (204, N)}
-    prepared = Layout(root).prepared
+    prepared = Workspace(root).prepared
     prepared.mkdir(parents=True)
     for split, (lo, hi) in bounds.items():
         extra = {"x_raw": x_raw[lo:hi]} if split == "test" else {}
         np.savez(prepared / f"{split}.npz", x=x[lo:hi], y=y[lo:hi].astype(np.int64), **extra)
-    (prepared / "meta.json").write_text(json.dumps({
-        "source": "synthetic", "layout": layout, "class_names": CLASSES,
-        "input_shape": list(x.shape[1:]),
-        "normalization": {"scale": scale, "mean": mean.tolist(), "std": std.tolist()},
-        "samples": {split: hi - lo for split, (lo, hi) in bounds.items()},
-    }))
+    (prepared / "meta.json").write_text(prepared_meta_text(PreparedMeta(
+        source="synthetic", layout=layout, layout_reason="set by the test", class_names=CLASSES,
+        input_shape=list(x.shape[1:]),
+        normalization=Normalization(scale=scale, mean=mean.tolist(), std=std.tolist()),
+        samples={split: hi - lo for split, (lo, hi) in bounds.items()},
+    )))
 
 
 def tiny_params(family: str, widths: list[int] | None):
@@ -92,7 +92,7 @@ def test_family_runs_the_whole_pipeline(tmp_path, monkeypatch, layout, make, fam
     rng = np.random.default_rng(0)
     y = rng.permutation(np.arange(N) % len(CLASSES))
     write_prepared(tmp_path, layout, make(rng, y), y)
-    project, params = Layout(tmp_path), tiny_params(family, widths)
+    project, params = Workspace(tmp_path), tiny_params(family, widths)
 
     train(params.train, project)
     qat(params.qat, project)
@@ -104,7 +104,7 @@ def test_family_runs_the_whole_pipeline(tmp_path, monkeypatch, layout, make, fam
     assert metrics["fp32"]["accuracy"] >= 0.9 and metrics["int8"]["accuracy"] >= 0.9, metrics
     assert metrics["int8"]["size_bytes"] < metrics["fp32_ts"]["size_bytes"]
     torch.backends.quantized.engine = params.qat.backend
-    kinds = {node.kind() for node in torch.jit.load(project.int8_ts).graph.nodes()}
+    kinds = {node.kind() for node in torch.jit.load(VARIANTS["int8"].path(project)).graph.nodes()}
     assert {kernel, "quantized::linear"} <= kinds
     pngs = {p.name for p in project.plots("evaluate").glob("*.png")}
     assert {"misclassified.png", "confusion_int8.png", "training_curves.png"} <= pngs

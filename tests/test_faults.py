@@ -13,29 +13,30 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import tasks.loop
-from tasks.layout import Layout
-from tasks.loop import Checkpointing, fingerprint, resume
+from tasks.checkpoint import Checkpointing, TrainingState, fingerprint, resume
 from tasks.params import parse_params
 from tasks.qat import qat
 from tasks.train import train
+from tasks.workspace import Workspace
 
-from conftest import TINY_PARAMS, write_params
+from conftest import REPO, TINY_PARAMS, write_params
 
 TRAIN_OUTPUTS = ["models/train/fp32_state.pt", "metrics/train.json", "plots/train/history.csv"]
 EXPORT_OUTPUTS = ["models/fp32.pt", "models/fp32.pt2", "models/int8.pt", "models/ptq_int8.pt",
                   "metrics/export.json"]
 
 
-def project_from(workspace: Layout, root: Path, params: dict, *copied: str) -> Layout:
+def project_from(workspace: Workspace, root: Path, params: dict, *copied: str) -> Workspace:
     """A project at `root` with the workspace's prepared data, `copied` outputs and `params`."""
     for name in ("data/prepared", *copied):
         source, target = workspace.root / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
     write_params(root / "params.yaml", params)
-    return Layout(root)
+    return Workspace(root)
 
 
 def start_stage(name: str, root: Path) -> subprocess.Popen:
@@ -50,14 +51,14 @@ def leftovers(root: Path) -> list[str]:
 
 def test_killed_training_resumes_to_the_uninterrupted_weights(tiny_workspace, tmp_path, capsys):
     workspace, _ = tiny_workspace
-    layout = project_from(workspace, tmp_path, TINY_PARAMS)
+    project = project_from(workspace, tmp_path, TINY_PARAMS)
     previous = {name: f"previous run's {name}".encode() for name in TRAIN_OUTPUTS}
     for name, data in previous.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
 
     running = start_stage("train", tmp_path)
-    while not layout.train_checkpoint.exists():
+    while not project.train_checkpoint.exists():
         assert running.poll() is None, running.communicate()
         time.sleep(0.02)
     running.send_signal(signal.SIGKILL)
@@ -65,11 +66,11 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tiny_workspace, tm
 
     # Killed mid-training: the previous outputs are untouched, and the checkpoint holds only data.
     assert {name: (tmp_path / name).read_bytes() for name in previous} == previous
-    saved = torch.load(layout.train_checkpoint, weights_only=True)
+    saved = torch.load(project.train_checkpoint, weights_only=True)
     epochs_done = len(saved["history"])
     assert 1 <= epochs_done < TINY_PARAMS["train"]["epochs"]
     kept = tmp_path / "kept-checkpoint.pt"
-    shutil.copy2(layout.train_checkpoint, kept)
+    shutil.copy2(project.train_checkpoint, kept)
 
     resumed = start_stage("train", tmp_path)
     stdout, stderr = resumed.communicate()
@@ -77,29 +78,31 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tiny_workspace, tm
     assert f"train: resuming from checkpoint.pt after epoch {epochs_done}" in stdout
     for name in TRAIN_OUTPUTS:  # tiny_workspace trained the same params, uninterrupted
         assert (tmp_path / name).read_bytes() == (workspace.root / name).read_bytes(), name
-    assert not layout.train_checkpoint.exists() and not leftovers(tmp_path)
+    assert not project.train_checkpoint.exists() and not leftovers(tmp_path)
 
     # Other params: the checkpoint is not resumed, and the run says why.
-    shutil.copy2(kept, layout.train_checkpoint)
+    shutil.copy2(kept, project.train_checkpoint)
     changed = parse_params({"train": {**TINY_PARAMS["train"], "epochs": 1}}).train
-    assert train(changed, layout)["epochs_run"] == 1
+    assert train(changed, project)["epochs_run"] == 1
     assert ("train: ignoring checkpoint.pt: made with other train params; starting over"
             in capsys.readouterr().out)
-    assert not layout.train_checkpoint.exists()
+    assert not project.train_checkpoint.exists()
 
 
 def test_checkpoint_fingerprint_names_what_changed(tiny_workspace, tmp_path):
     workspace, params = tiny_workspace
-    layout = project_from(workspace, tmp_path, TINY_PARAMS)
-    inputs = {"data": [layout.prepared]}
-    code = ["train", "loop", "model", "augment"]
-    before = fingerprint("train", params.train, inputs, code)
-    with open(layout.prepared / "val.npz", "ab") as f:
+    project = project_from(workspace, tmp_path, TINY_PARAMS)
+    before = fingerprint("train", params.train, project.root)
+    # Every dep dvc.yaml declares for the stage, and nothing else, is in it: one list of what
+    # the stage reads.
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    assert list(before) == ["train params", *deps, "torch version"]
+    with open(project.prepared / "val.npz", "ab") as f:
         f.write(b"\0")
     lr = params.train.model_copy(update={"lr": 0.02})
-    after = fingerprint("train", lr, inputs, code)
-    assert [k for k in before if before[k] != after[k]] == ["train params", "data"]
-    assert before == fingerprint("train", params.train, {"data": [workspace.prepared]}, code)
+    after = fingerprint("train", lr, project.root)
+    assert [k for k in before if before[k] != after[k]] == ["train params", "data/prepared"]
+    assert before == fingerprint("train", params.train, workspace.root)
 
 
 def test_an_unreadable_checkpoint_is_ignored_saying_so(tmp_path, capsys):
@@ -107,7 +110,8 @@ def test_an_unreadable_checkpoint_is_ignored_saying_so(tmp_path, capsys):
     path.write_bytes(b"PK\x03\x04 not really a zip")
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert resume(Checkpointing(path, {}), "train", model, optimizer, None, torch.Generator()) is None
+    training = TrainingState(model, optimizer, None, torch.Generator())
+    assert resume(Checkpointing(path, {}), "train", training) is None
     out = capsys.readouterr().out
     assert out.startswith("train: ignoring checkpoint.pt: unreadable (") and out.count("\n") == 1
 
@@ -145,10 +149,10 @@ def test_qat_resumes_replaying_its_freeze_schedule(tiny_workspace, tmp_path, mon
 def test_failed_gate_exits_1_and_publishes_nothing(tiny_workspace, tmp_path):
     workspace, _ = tiny_workspace
     raw = {**TINY_PARAMS, "export": {**TINY_PARAMS["export"], "max_accuracy_drop": 0.0}}
-    layout = project_from(workspace, tmp_path, raw, "models", "metrics")
+    project = project_from(workspace, tmp_path, raw, "models", "metrics")
     # An int8 model that ranks every class backwards: it still matches its own export exactly
     # (the parity check passes), but loses most of fp32's accuracy.
-    qat_state = layout.qat_dir / "qat_state.pt"
+    qat_state = project.qat_dir / "qat_state.pt"
     saved = torch.load(qat_state, weights_only=True)
     for key in ("classifier.weight", "classifier.bias"):
         saved["state_dict"][key] = -saved["state_dict"][key]

@@ -7,13 +7,19 @@ import json
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+)
 from prefect.testing.utilities import prefect_test_harness
 
-from conftest import STAGES, TIMING_OUTPUTS, dvc, init_tiny_project, locked_outputs
 from flows.dvcrepo import pipeline_stages
 from flows.pipeline import check_overrides, pipeline, workspace_lock
 from tasks.errors import ParamsError
+from tasks.variants import VARIANTS
+
+from conftest import STAGES, TIMING_OUTPUTS, dvc, init_tiny_project, locked_outputs
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +75,8 @@ def test_flow_publishes_summary_and_metrics_table(project):
     table = by_key["qatflow-metrics"]
     assert table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert [row["variant"] for row in rows] == ["fp32 (eager)", "fp32 TorchScript", "int8 PTQ", "int8 QAT"]
+    assert [row["variant"] for row in rows] == [v.label for v in VARIANTS.values()]
+    assert "**Stages run**: prepare, train, qat, export, evaluate" in by_key["qatflow-summary"].data
 
 
 def test_flow_run_is_saved_as_dvc_experiment(project):

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from tasks.augment import random_shift
+from tasks.contracts import ModelConfig
 from tasks.errors import ParamsError
 from tasks.figures import misclassified_figure
 from tasks.model import build_model, model_config
@@ -42,22 +43,20 @@ def expected_reference_state() -> list[tuple[str, tuple]]:
     return state
 
 
-def config(layout: str, shape: list[int], **model) -> dict:
+def config(layout: str, shape: list[int], **model) -> ModelConfig:
     return model_config(layout, shape, 4, ModelParams(**model))
 
 
 def test_default_cnn2d_is_the_reference_convnet():
     defaults = model_config("images", [1, 28, 28], 10, ModelParams())
-    assert defaults == {"family": "cnn2d", "input_shape": [1, 28, 28], "num_classes": 10,
-                        "widths": [32, 64, 128], "convs_per_stage": 2, "dropout": 0.2}
-    # A checkpoint written before the families existed has neither family nor convs_per_stage.
-    legacy = {k: defaults[k] for k in ("input_shape", "num_classes", "widths", "dropout")}
-    for model in (build_model(defaults), build_model(legacy)):
-        state = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
-        assert state == expected_reference_state()
-        assert sum(p.numel() for p in model.parameters()) == REFERENCE_PARAMETERS
-        assert [type(m).__name__ for m in model.features].count("MaxPool2d") == 3
-        assert model.eval()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert defaults.model_dump() == {"family": "cnn2d", "input_shape": [1, 28, 28], "num_classes": 10,
+                                     "widths": [32, 64, 128], "convs_per_stage": 2, "dropout": 0.2}
+    model = build_model(defaults)
+    state = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+    assert state == expected_reference_state()
+    assert sum(p.numel() for p in model.parameters()) == REFERENCE_PARAMETERS
+    assert [type(m).__name__ for m in model.features].count("MaxPool2d") == 3
+    assert model.eval()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
 @pytest.mark.parametrize("layout, shape, family, widths", [
@@ -67,7 +66,7 @@ def test_default_cnn2d_is_the_reference_convnet():
 ])
 def test_family_follows_the_layout_and_classifies_any_batch(layout, shape, family, widths):
     resolved = config(layout, shape)
-    assert (resolved["family"], resolved["widths"]) == (family, widths)
+    assert (resolved.family, resolved.widths) == (family, widths)
     model = build_model(resolved).eval()
     for n in (1, 5):
         assert model(torch.randn(n, *shape)).shape == (n, 4)

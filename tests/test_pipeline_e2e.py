@@ -10,7 +10,15 @@ import sys
 import pytest
 import yaml
 
-from conftest import STAGES, TIMING_OUTPUTS, dvc, init_tiny_project, locked_outputs, run, write_params
+from conftest import (
+    STAGES,
+    TIMING_OUTPUTS,
+    dvc,
+    init_tiny_project,
+    locked_outputs,
+    run,
+    write_params,
+)
 
 pytestmark = pytest.mark.e2e
 

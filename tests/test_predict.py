@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tasks.contracts import ExportedMeta, ModelConfig, Normalization, exported_meta_text
 from tasks.errors import DataError
 from tasks.predict import predict
+from tasks.variants import VARIANTS
 
 from conftest import REPO
 
@@ -18,9 +20,9 @@ from conftest import REPO
 @pytest.fixture(scope="module")
 def samples(tiny_workspace, tmp_path_factory):
     """The tiny test split as the files a user would bring: npz, CSV of pixels, PNG folder."""
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     root = tmp_path_factory.mktemp("inputs")
-    with np.load(layout.prepared / "test.npz") as test:
+    with np.load(workspace.prepared / "test.npz") as test:
         x_raw, x, y = test["x_raw"][:24], test["x"][:24], test["y"][:24]
     np.savez(root / "inputs.npz", x=x_raw)
     with open(root / "inputs.csv", "w", newline="") as f:
@@ -40,9 +42,9 @@ def expected_labels(model_path: Path, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("source", ["inputs.npz", "inputs.csv", "images"])
 def test_every_input_format_gives_the_models_own_predictions(tiny_workspace, samples, source):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     root, x, _ = samples
-    for model in (layout.int8_ts, layout.fp32_ts):
+    for model in (VARIANTS["int8"].path(workspace), VARIANTS["fp32_ts"].path(workspace)):
         proba = predict(model, root / source, out=root / f"{source}.{model.stem}.jsonl")
         assert np.array_equal(proba.argmax(1), expected_labels(model, x)), (source, model.name)
         records = [json.loads(line) for line in (root / f"{source}.{model.stem}.jsonl").read_text().splitlines()]
@@ -51,9 +53,9 @@ def test_every_input_format_gives_the_models_own_predictions(tiny_workspace, sam
 
 
 def test_csv_output_and_image_ids(tiny_workspace, samples):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     root, x, _ = samples
-    predict(layout.int8_ts, root / "images", out=root / "out.csv")
+    predict(VARIANTS["int8"].path(workspace), root / "images", out=root / "out.csv")
     rows = list(csv.DictReader((root / "out.csv").open()))
     assert len(rows) == len(x) and rows[0]["id"] == "000.png"
     assert list(rows[0])[:3] == ["id", "label", "class"] and "p_9" in rows[0]
@@ -71,25 +73,25 @@ def test_csv_output_and_image_ids(tiny_workspace, samples):
     ],
 )
 def test_bad_inputs_are_refused_with_the_reason(tiny_workspace, tmp_path, make, message):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     make(tmp_path)
     bad = next(tmp_path.glob("bad.*"))
     with pytest.raises(DataError, match=message):
-        predict(layout.int8_ts, bad, out=tmp_path / "out.jsonl")
+        predict(VARIANTS["int8"].path(workspace), bad, out=tmp_path / "out.jsonl")
     assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_a_corrupt_image_is_named(tiny_workspace, tmp_path):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     (tmp_path / "ok.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(DataError, match=r"ok.png: not a readable image"):
-        predict(layout.int8_ts, tmp_path)
+        predict(VARIANTS["int8"].path(workspace), tmp_path)
 
 
 def test_console_script_exits_non_zero_with_one_line(tiny_workspace, tmp_path):
-    layout, _ = tiny_workspace
+    workspace, _ = tiny_workspace
     done = subprocess.run(
-        [sys.executable, "-m", "tasks.predict", str(layout.int8_ts), str(tmp_path / "missing.npz")],
+        [sys.executable, "-m", "tasks.predict", str(VARIANTS["int8"].path(workspace)), str(tmp_path / "missing.npz")],
         capture_output=True, text=True, cwd=REPO,
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
@@ -101,9 +103,13 @@ def scripted_model(path: Path, input_shape: list[int], classes: int = 3) -> Path
     without running the pipeline: predict must handle every layout the same way."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(input_shape)), classes)).eval()
-    meta = {"class_names": [f"c{i}" for i in range(classes)], "input_shape": input_shape,
-            "normalization": {"scale": 1.0, "mean": [0.5] * input_shape[0], "std": [2.0] * input_shape[0]}}
-    torch.jit.save(torch.jit.script(model), str(path), _extra_files={"meta.json": json.dumps(meta)})
+    meta = ExportedMeta(
+        variant="fp32_ts", class_names=[f"c{i}" for i in range(classes)], input_shape=input_shape,
+        normalization=Normalization(scale=1.0, mean=[0.5] * input_shape[0], std=[2.0] * input_shape[0]),
+        backend=None, torch_version=str(torch.__version__),
+        model=ModelConfig(family="mlp", input_shape=input_shape, num_classes=classes, widths=[classes],
+                          convs_per_stage=1, dropout=0.0))
+    torch.jit.save(torch.jit.script(model), str(path), _extra_files={"meta.json": exported_meta_text(meta)})
     return path
 
 

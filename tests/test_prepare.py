@@ -13,17 +13,23 @@ import yaml
 
 import tasks.npyio
 from bench.prepare_large import write_dataset
+from tasks.contracts import Normalization, read_prepared_meta
 from tasks.errors import DataError
-from tasks.layout import Layout
 from tasks.npyio import NpyStream, NpzWriter
-from tasks.params import Split, parse_params
-from tasks.prepare import (ChannelStats, prepare, split_fractions, standardize, stratified_split,
-                           stratified_subset)
+from tasks.params import SplitFractions, parse_params
+from tasks.prepare import (
+    ChannelStats,
+    prepare,
+    split_fractions,
+    stratified_split,
+    stratified_subset,
+)
 from tasks.sources import load_source
+from tasks.workspace import Workspace
 
 from conftest import REPO
 
-THREE_WAY = split_fractions(Split(train=0.6, val=0.2, test=0.2), fixed_test=False)
+THREE_WAY = split_fractions(SplitFractions(train=0.6, val=0.2, test=0.2), fixed_test=False)
 
 
 def test_builtin_mnist_is_the_real_5k_sample():
@@ -57,11 +63,11 @@ def test_stratified_split_is_disjoint_complete_proportional_and_seeded():
 def test_split_refuses_a_class_too_small_for_it():
     y = np.array([0] * 50 + [1] * 2)
     with pytest.raises(DataError, match=r"class 'b' has 2 samples: too few for a 0.1 val fraction"):
-        stratified_split(y, split_fractions(Split(), fixed_test=False), seed=0, class_names=["a", "b"])
+        stratified_split(y, split_fractions(SplitFractions(), fixed_test=False), seed=0, class_names=["a", "b"])
 
 
 def test_a_fixed_test_set_leaves_train_and_val_in_proportion():
-    fractions = split_fractions(Split(train=0.6, val=0.2, test=0.2), fixed_test=True)
+    fractions = split_fractions(SplitFractions(train=0.6, val=0.2, test=0.2), fixed_test=True)
     assert fractions == pytest.approx({"train": 0.75, "val": 0.25})
     parts = stratified_split(np.repeat(np.arange(2), 40), fractions, seed=0, class_names=["a", "b"])
     assert {name: len(idx) for name, idx in parts.items()} == {"train": 60, "val": 20}
@@ -85,7 +91,7 @@ def test_standardize_uses_per_channel_statistics_merged_over_chunks():
     unit = x.astype(np.float64) / 255
     np.testing.assert_allclose(mean[:2], unit[:, :2].mean(axis=(0, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(std[:2], unit[:, :2].std(axis=(0, 2, 3)), rtol=1e-6)
-    z = standardize(x, 255.0, mean, std)
+    z = Normalization(scale=255.0, mean=mean.tolist(), std=std.tolist()).apply(x)
     assert z.dtype == np.float32
     np.testing.assert_allclose(z[:, :2].mean(axis=(0, 2, 3)), 0, atol=1e-5)
     np.testing.assert_allclose(z[:, :2].std(axis=(0, 2, 3)), 1, atol=1e-4)
@@ -123,21 +129,20 @@ def test_streamed_npz_matches_numpy_and_is_deterministic(tmp_path):
 
 def test_prepare_writes_standardized_splits_from_training_statistics(tmp_path):
     params = parse_params({"data": {"max_samples": 500}})
-    layout = Layout(tmp_path)
-    meta = prepare(params.data, params.prepare, layout)
-    assert meta["samples"] == {"train": 400, "val": 50, "test": 50}
-    saved = json.loads((layout.prepared / "meta.json").read_text())
-    assert saved == meta and saved["layout"] == "images"
+    workspace = Workspace(tmp_path)
+    meta = prepare(params.data, params.prepare, workspace)
+    assert meta.samples == {"train": 400, "val": 50, "test": 50}
+    saved = json.loads((workspace.prepared / "meta.json").read_text())
+    assert read_prepared_meta(workspace.prepared) == meta and saved["layout"] == "images"
     assert saved["input_shape"] == [1, 28, 28] and saved["class_names"] == [str(d) for d in range(10)]
-    with np.load(layout.prepared / "train.npz") as train, np.load(layout.prepared / "test.npz") as test:
+    with np.load(workspace.prepared / "train.npz") as train, np.load(workspace.prepared / "test.npz") as test:
         assert train["x"].dtype == np.float32 and train["y"].dtype == np.int64
         assert abs(float(train["x"].mean())) < 1e-5 and abs(float(train["x"].std()) - 1) < 1e-4
-        norm = saved["normalization"]
-        rebuilt = standardize(test["x_raw"], norm["scale"], np.array(norm["mean"]), np.array(norm["std"]))
+        rebuilt = meta.normalization.apply(test["x_raw"])
         np.testing.assert_array_equal(rebuilt, test["x"])
-    first = {p.name: p.read_bytes() for p in layout.prepared.iterdir()}
-    prepare(params.data, params.prepare, layout)
-    assert first == {p.name: p.read_bytes() for p in layout.prepared.iterdir()}
+    first = {p.name: p.read_bytes() for p in workspace.prepared.iterdir()}
+    prepare(params.data, params.prepare, workspace)
+    assert first == {p.name: p.read_bytes() for p in workspace.prepared.iterdir()}
 
 
 def test_a_large_x_is_streamed_never_loaded_whole(tmp_path, monkeypatch):
@@ -147,8 +152,8 @@ def test_a_large_x_is_streamed_never_loaded_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(NpyStream, "load", lambda self: loaded.append(self.key) or real_load(self))
     monkeypatch.setattr(tasks.npyio, "CHUNK_BYTES", 8 * 8 * 500)  # 500 rows a chunk
     params = parse_params({"data": {"source": str(tmp_path / "d.npz")}})
-    meta = prepare(params.data, params.prepare, Layout(tmp_path))
-    assert loaded == ["y"] and sum(meta["samples"].values()) == 3000
+    meta = prepare(params.data, params.prepare, Workspace(tmp_path))
+    assert loaded == ["y"] and sum(meta.samples.values()) == 3000
 
 
 def _prepare_process(project: Path) -> subprocess.Popen:
@@ -160,7 +165,7 @@ def _prepare_process(project: Path) -> subprocess.Popen:
 def test_sigkill_mid_write_leaves_the_previous_outputs(tmp_path):
     project = tmp_path
     small = parse_params({"data": {"source": "builtin:digits"}})
-    prepare(small.data, small.prepare, Layout(project))
+    prepare(small.data, small.prepare, Workspace(project))
     before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
 
     write_dataset(project / "data/raw/large.npz", rows=150_000, features=256)  # 154 MB

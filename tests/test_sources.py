@@ -8,16 +8,18 @@ import pytest
 from PIL import Image
 
 import tasks.npyio
+from tasks.contracts import PreparedMeta, prepared_meta_text
 from tasks.errors import DataError
-from tasks.layout import Layout
+from tasks.layout import resolve_layout
+from tasks.npyio import InMemory
 from tasks.params import parse_params
-from tasks.prepare import prepare, standardize
-from tasks.sources import resolve_layout
+from tasks.prepare import prepare
+from tasks.workspace import Workspace
 
 
-def run_prepare(root: Path, **data) -> dict:
+def run_prepare(root: Path, **data) -> PreparedMeta:
     params = parse_params({"data": data})
-    return prepare(params.data, params.prepare, Layout(root))
+    return prepare(params.data, params.prepare, Workspace(root))
 
 
 def prepared(root: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
@@ -40,17 +42,17 @@ def test_npz_vectors_are_split_standardized_and_kept_raw(tmp_path):
     np.savez(tmp_path / "data/raw/table.npz", x=x, y=y)
     meta = run_prepare(tmp_path, source="data/raw/table.npz")
     saved, arrays = prepared(tmp_path)
-    assert saved == meta and meta["layout"] == "vectors" and meta["input_shape"] == [6]
-    assert meta["class_names"] == ["0", "1", "2", "3"] and meta["samples"] == {"train": 160, "val": 20, "test": 20}
-    norm = meta["normalization"]
-    assert norm["scale"] == 1.0 and len(norm["mean"]) == 6
+    assert saved == json.loads(prepared_meta_text(meta)) and meta.layout == "vectors" and meta.input_shape == [6]
+    assert meta.class_names == ["0", "1", "2", "3"] and meta.samples == {"train": 160, "val": 20, "test": 20}
+    norm = meta.normalization
+    assert norm.scale == 1.0 and len(norm.mean) == 6
     train = arrays["train"]["x"]
     np.testing.assert_allclose(train.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(train.std(0), 1, atol=1e-4)
     test = arrays["test"]
     rows = [int(np.flatnonzero((x == row).all(1))[0]) for row in test["x_raw"]]  # source order kept
     assert rows == sorted(rows) and np.array_equal(y[rows], test["y"])
-    assert np.array_equal(standardize(test["x_raw"], 1.0, np.array(norm["mean"]), np.array(norm["std"])), test["x"])
+    assert np.array_equal(norm.apply(test["x_raw"]), test["x"])
 
 
 def test_npz_with_its_own_test_split_and_class_names(tmp_path):
@@ -60,11 +62,11 @@ def test_npz_with_its_own_test_split_and_class_names(tmp_path):
                         class_names=np.array(["quiet", "loud"]))
     meta = run_prepare(tmp_path, source="s.npz")
     _, arrays = prepared(tmp_path)
-    assert meta["class_names"] == ["quiet", "loud"] and meta["layout"] == "sequences"
+    assert meta.class_names == ["quiet", "loud"] and meta.layout == "sequences"
     # train:val keep their 0.8:0.1 proportion; the test split is x_test, whole and in order.
-    assert meta["samples"] == {"train": 88, "val": 12, "test": 30} and meta["input_shape"] == [3, 40]
+    assert meta.samples == {"train": 88, "val": 12, "test": 30} and meta.input_shape == [3, 40]
     assert np.array_equal(arrays["test"]["x_raw"], x_test) and np.array_equal(arrays["test"]["y"], y_test)
-    assert len(meta["normalization"]["mean"]) == 3  # per channel
+    assert len(meta.normalization.mean) == 3  # per channel
 
 
 @pytest.mark.parametrize(("labels", "names"), [
@@ -76,7 +78,7 @@ def test_csv_labels_become_sorted_class_names(tmp_path, labels, names):
     (tmp_path / "t.csv").write_text("\ufeffkind,f1,f2\n" + "\n".join(rows) + "\n", encoding="utf-8")  # with a BOM
     meta = run_prepare(tmp_path, source="t.csv", label_column="kind")
     _, arrays = prepared(tmp_path)
-    assert meta["class_names"] == names and meta["layout"] == "vectors" and meta["input_shape"] == [2]
+    assert meta.class_names == names and meta.layout == "vectors" and meta.input_shape == [2]
     first = [r for r in rows if r.split(",")[0] == labels[0]]
     assert (np.concatenate([a["y"] for a in arrays.values()]) == names.index(labels[0])).sum() == len(first)
 
@@ -93,20 +95,26 @@ def test_image_folder_of_mixed_sizes(tmp_path, mode, channels):
             image.save(tmp_path / "imgs" / name / f"{i}.{'png' if i % 3 else 'jpg'}")
     meta = run_prepare(tmp_path, source="imgs", image_size=[10, 14], image_mode=mode)
     _, arrays = prepared(tmp_path)
-    assert meta["class_names"] == ["circle", "square"] and meta["layout"] == "images"
-    assert meta["input_shape"] == [channels, 10, 14] and meta["normalization"]["scale"] == 255.0
+    assert meta.class_names == ["circle", "square"] and meta.layout == "images"
+    assert meta.input_shape == [channels, 10, 14] and meta.normalization.scale == 255.0
     assert arrays["test"]["x_raw"].dtype == np.uint8 and arrays["test"]["x_raw"].shape[1:] == (channels, 10, 14)
 
 
 def test_builtin_digits(tmp_path):
     meta = run_prepare(tmp_path, source="builtin:digits")
     _, arrays = prepared(tmp_path)
-    assert meta["input_shape"] == [1, 8, 8] and meta["normalization"]["scale"] == 16.0
-    assert sum(meta["samples"].values()) == 1797 and arrays["test"]["x_raw"].max() == 16
+    assert meta.input_shape == [1, 8, 8] and meta.normalization.scale == 16.0
+    assert sum(meta.samples.values()) == 1797 and arrays["test"]["x_raw"].max() == 16
+
+
+def zeros(shape: tuple[int, ...]) -> InMemory:
+    return InMemory(np.zeros((4, *shape), np.float32), "x.npz")
 
 
 @pytest.mark.parametrize(("requested", "shape", "layout", "canonical"), [
     ("auto", (), "vectors", (1,)),
+    # (N, F) is the one shape auto decides from the values (tests/test_layout.py); constant columns
+    # show no column order, so they stay vectors.
     ("auto", (20,), "vectors", (20,)),
     ("auto", (3, 100), "sequences", (3, 100)),
     ("auto", (4, 16), "sequences", (4, 16)),  # 4 * 4 <= 16
@@ -119,7 +127,10 @@ def test_builtin_digits(tmp_path):
     ("images", (8, 100), "images", (1, 8, 100)),
 ])
 def test_layouts(requested, shape, layout, canonical):
-    assert resolve_layout(requested, shape, "x.npz") == (layout, canonical)
+    choice = resolve_layout(requested, zeros(shape))
+    assert (choice.layout, choice.shape) == (layout, canonical)
+    if requested != "auto":
+        assert choice.reason == "set in params (data.layout)"
 
 
 @pytest.mark.parametrize(("requested", "shape"), [
@@ -127,7 +138,24 @@ def test_layouts(requested, shape, layout, canonical):
 ])
 def test_impossible_layouts_name_the_param(requested, shape):
     with pytest.raises(DataError, match=rf"x.npz: data.layout {requested}"):
-        resolve_layout(requested, shape, "x.npz")
+        resolve_layout(requested, zeros(shape))
+
+
+def test_npz_of_waveforms_becomes_sequences_by_auto(tmp_path):
+    """An (N, 128) array of signals: auto sees the column order and picks sequences (-> cnn1d)."""
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    t = np.arange(128) / 128
+    frequency, phase = rng.uniform(2, 6, (400, 1)), rng.uniform(0, 1, (400, 1))
+    wave = np.sin(2 * np.pi * (frequency * t + phase))
+    x = np.where(y[:, None] == 0, wave, np.sign(wave)) + rng.normal(0, 0.3, (400, 128))
+    np.savez(tmp_path / "w.npz", x=x.astype(np.float32), y=y)
+    meta = run_prepare(tmp_path, source="w.npz")
+    saved, arrays = prepared(tmp_path)
+    assert meta.layout == "sequences" and meta.input_shape == [1, 128]
+    assert meta.layout_reason.startswith("auto: an ordered signal: over 400 rows")
+    assert saved["layout_reason"] == meta.layout_reason
+    assert arrays["test"]["x"].shape[1:] == (1, 128)
 
 
 def test_explicit_layout_reshapes_on_the_way(tmp_path):
@@ -135,16 +163,16 @@ def test_explicit_layout_reshapes_on_the_way(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y)
     meta = run_prepare(tmp_path, source="d.npz", layout="vectors")
     _, arrays = prepared(tmp_path)
-    assert meta["input_shape"] == [20] and arrays["test"]["x_raw"].shape[1:] == (20,)
+    assert meta.input_shape == [20] and arrays["test"]["x_raw"].shape[1:] == (20,)
     meta = run_prepare(tmp_path, source="d.npz", layout="images")
-    assert meta["input_shape"] == [1, 4, 5] and meta["layout"] == "images"
+    assert meta.input_shape == [1, 4, 5] and meta.layout == "images"
 
 
 def test_uint8_images_scale_by_255_other_arrays_by_1(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (60, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "u.npz", x=x, y=np.arange(60) % 2)
-    assert run_prepare(tmp_path, source="u.npz")["normalization"]["scale"] == 255.0
-    assert run_prepare(tmp_path, source="u.npz", layout="vectors")["normalization"]["scale"] == 1.0
+    assert run_prepare(tmp_path, source="u.npz").normalization.scale == 255.0
+    assert run_prepare(tmp_path, source="u.npz", layout="vectors").normalization.scale == 1.0
 
 
 def test_chunked_reading_gives_the_same_bytes(tmp_path, monkeypatch):

@@ -1,0 +1,156 @@
+"""Resumable training: what the loop carries from epoch to epoch, what that state depends on (its
+fingerprint), and saving and resuming it. train and qat save after every epoch; a killed run
+started again with the same fingerprint carries on after its last finished epoch and ends with the
+weights an uninterrupted run would have.
+
+Checkpoints are plain containers and tensors, loaded with weights_only=True: no pickled code.
+They are neither DVC outputs (DVC would delete them before the stage runs) nor git-tracked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel
+from torch import nn
+
+from tasks.atomic import write_with
+
+# dvc.yaml and tasks/ sit side by side; the stage's data deps resolve against the workspace it
+# runs in, which in-process tests put elsewhere.
+PROJECT = Path(__file__).resolve().parents[1]
+CODE_DIR = "tasks/"
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+
+
+@dataclass
+class LoopState:
+    """What fit carries from one epoch to the next besides the modules' own state."""
+
+    best_state: dict[str, torch.Tensor]
+    history: list[EpochRecord] = field(default_factory=list)
+    best_accuracy: float = -1.0
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    best_confusion: np.ndarray | None = None
+    stopped: bool = False  # early stop: a resumed run has nothing left to train
+
+
+@dataclass
+class TrainingState:
+    """The objects whose state the next epoch depends on; a checkpoint saves and restores them."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    generator: torch.Generator  # shuffling and augmentation
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where fit saves its resumable state, and what that state depends on: a checkpoint whose
+    fingerprint differs in any entry (params, data, code...) is not resumed."""
+
+    path: Path
+    fingerprint: dict[str, str]
+
+
+def files_digest(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of these files, folders expanded (hidden files left out)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file.name.startswith("."):
+                continue
+            digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+@cache
+def stage_deps(stage: str) -> tuple[str, ...]:
+    """The stage's deps as dvc.yaml declares them: the one list of what a stage reads."""
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    return tuple(stages[stage]["deps"])
+
+
+def fingerprint(stage: str, params: BaseModel, workspace_root: Path) -> dict[str, str]:
+    """What a stage's training depends on, one entry each, named so that a mismatch says what
+    changed: its params section, each of its dvc.yaml deps (data, upstream models, code) and torch."""
+    entries = {f"{stage} params": hashlib.sha256(params.model_dump_json().encode()).hexdigest()}
+    for dep in stage_deps(stage):
+        base = PROJECT if dep.startswith(CODE_DIR) else workspace_root
+        entries[dep] = files_digest([base / dep]) if (base / dep).exists() else "missing"
+    entries["torch version"] = str(torch.__version__)  # a TorchVersion would not load weights_only
+    return entries
+
+
+def save(checkpoint: Checkpointing, loop: LoopState, training: TrainingState) -> None:
+    saved = {
+        "fingerprint": checkpoint.fingerprint,
+        "model": training.model.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict() if training.scheduler is not None else None,
+        "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+        "generator": training.generator.get_state(),
+        "history": [asdict(record) for record in loop.history],
+        "best": {
+            "accuracy": loop.best_accuracy, "loss": loop.best_loss, "epoch": loop.best_epoch,
+            "state_dict": loop.best_state, "confusion": torch.from_numpy(loop.best_confusion),
+        },
+        "stopped": loop.stopped,
+    }
+    write_with(checkpoint.path, lambda f: torch.save(saved, f))
+
+
+def resume(checkpoint: Checkpointing, stage: str, training: TrainingState) -> LoopState | None:
+    """Load the checkpoint into the training objects and return the loop's state, or None (saying
+    why when a checkpoint exists) to start from scratch."""
+    if not checkpoint.path.exists():
+        return None
+    try:
+        saved = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+        made_with = dict(saved["fingerprint"])
+    except Exception as exc:  # whatever is wrong with the file, starting over is safe
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"{stage}: ignoring {checkpoint.path.name}: unreadable ({reason}); starting over")
+        return None
+    changed = [key for key in sorted(checkpoint.fingerprint.keys() | made_with.keys())
+               if checkpoint.fingerprint.get(key) != made_with.get(key)]
+    if changed:
+        print(f"{stage}: ignoring {checkpoint.path.name}: made with other {', '.join(changed)}; "
+              "starting over")
+        return None
+    training.model.load_state_dict(saved["model"])
+    training.optimizer.load_state_dict(saved["optimizer"])
+    if training.scheduler is not None:
+        training.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    training.generator.set_state(saved["generator"])
+    best = saved["best"]
+    loop = LoopState(
+        best_state=best["state_dict"],
+        history=[EpochRecord(**record) for record in saved["history"]],
+        best_accuracy=best["accuracy"], best_loss=best["loss"], best_epoch=best["epoch"],
+        best_confusion=best["confusion"].numpy(), stopped=saved["stopped"],
+    )
+    print(f"{stage}: resuming from {checkpoint.path.name} after epoch {len(loop.history)}")
+    return loop

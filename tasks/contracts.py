@@ -1,0 +1,144 @@
+"""The files stages hand to each other, each with one pydantic model and one reader and writer:
+
+  data/prepared/meta.json        PreparedMeta   written by prepare, read by every later stage
+  the model config in a .pt      ModelConfig    stored beside the weights by train and qat
+  meta.json inside a model file  ExportedMeta   embedded by export, read by evaluate and predict
+
+No stage digs in a raw dict: a stale or hand-edited file is refused with its path and the field
+at fault. (deploy/cpp and tasks/parity_check.py read exported meta.json without this module on
+purpose: they prove a deployment needs nothing of qatflow.)
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.errors import DataError
+
+SampleLayout = Literal["vectors", "sequences", "images"]
+Family = Literal["mlp", "cnn1d", "cnn2d"]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Normalization(Contract):
+    """x -> (x / scale - mean[c]) / std[c] per channel c (axis 1), in float32: prepare applies it
+    to the training data, predict to new inputs, deployments to theirs (it is in every export)."""
+
+    scale: Annotated[float, Field(gt=0)]
+    mean: list[float] = Field(min_length=1)
+    std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        shape = channel_shape(x.ndim)
+        out = to_unit(x, self.scale)
+        out -= np.asarray(self.mean, np.float32).reshape(shape)
+        out /= np.asarray(self.std, np.float32).reshape(shape)
+        return out
+
+
+def to_unit(x: np.ndarray, scale: float) -> np.ndarray:
+    out = x.astype(np.float32)
+    out /= np.float32(scale)
+    return out
+
+
+def channel_shape(ndim: int) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (ndim - 2)
+
+
+class PreparedMeta(Contract):
+    source: str
+    layout: SampleLayout
+    layout_reason: str  # why prepare chose the layout (auto's evidence, or "set in params")
+    class_names: list[str] = Field(min_length=2)
+    input_shape: list[PositiveInt] = Field(min_length=1, max_length=3)
+    normalization: Normalization
+    samples: dict[str, int]
+
+
+class ModelConfig(Contract):
+    """What rebuilds a model: train resolves it from the prepared data and its params, and every
+    later stage rebuilds the model from the copy stored beside the weights."""
+
+    family: Family
+    input_shape: list[PositiveInt] = Field(min_length=1, max_length=3)
+    num_classes: Annotated[int, Field(ge=2)]
+    widths: list[PositiveInt] = Field(min_length=1)
+    convs_per_stage: Annotated[int, Field(ge=1)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+
+class ExportedMeta(Contract):
+    """meta.json inside every exported file: enough to feed the model and read its output."""
+
+    variant: str
+    class_names: list[str] = Field(min_length=2)
+    input_shape: list[PositiveInt] = Field(min_length=1, max_length=3)
+    normalization: Normalization
+    backend: str | None  # the quantized engine int8 weights were packed for; None for fp32
+    torch_version: str
+    model: ModelConfig
+
+
+C = TypeVar("C", bound=Contract)
+PREPARED_META = "meta.json"
+
+
+def parse(contract: type[C], raw: object, origin: str, remedy: str) -> C:
+    """Validate `raw` as `contract`; DataError naming `origin` and every field at fault."""
+    try:
+        return contract.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or '(top level)'}: "
+            f"{'unknown field' if err['type'] == 'extra_forbidden' else err['msg']}"
+            for err in exc.errors()
+        )
+        raise DataError(f"{origin}: {problems}; {remedy}") from None
+
+
+def parse_json(contract: type[C], text: str | bytes, origin: str, remedy: str) -> C:
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{origin}: not valid JSON ({exc}); {remedy}") from None
+    return parse(contract, raw, origin, remedy)
+
+
+def read_prepared_meta(prepared: Path) -> PreparedMeta:
+    path = prepared / PREPARED_META
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the stages before this one (dvc repro)")
+    return parse_json(PreparedMeta, path.read_bytes(), str(path), "re-run prepare (dvc repro)")
+
+
+def prepared_meta_text(meta: PreparedMeta) -> str:
+    return meta.model_dump_json(indent=2) + "\n"
+
+
+def exported_meta_text(meta: ExportedMeta) -> str:
+    return meta.model_dump_json()
+
+
+def read_exported_meta(path: Path) -> ExportedMeta:
+    """meta.json embedded by export, read from the archive (TorchScript or torch.export) without
+    loading the model: int8 weights must be loaded after the quantized engine is set."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/extra/meta.json")), None)
+            if name is None:
+                raise DataError(f"{path}: no meta.json inside; not a qatflow export")
+            text = archive.read(name)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path}: not a model file qatflow exported ({exc})") from None
+    return parse_json(ExportedMeta, text, f"{path}: meta.json", "re-run export (dvc repro)")
