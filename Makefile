@@ -12,14 +12,45 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup run test flow server serve deploy worker cpp bench bench-orchestration bench-prepare bench-families tensorboard plots clean
+.PHONY: setup lock run test flow server serve deploy worker cpp bench bench-orchestration bench-prepare bench-families tensorboard plots clean
 .DEFAULT_GOAL := run
 
-$(VENV)/.installed: pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "qatflow needs Python 3.11, got " + sys.version' 
+CHECK_PYTHON := $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "qatflow needs Python 3.11, got " + sys.version'
+
+# pyproject.toml says which packages (ranges), requirements.lock which versions: the exact ones of
+# the reference run. A changed lock re-installs.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $@
+
+# Re-pin every dependency after changing pyproject.toml's: installs pyproject's ranges (dev extra,
+# no lock) into a throwaway venv in a temp folder, freezes it into requirements.lock (written beside
+# it as requirements.lock.tmp, then renamed) and removes the venv. Local version labels are dropped:
+# torch 2.13.0+cpu is pinned as torch==2.13.0, which pip resolves to that CPU wheel where it lies.
+lock:
+	@$(CHECK_PYTHON)
+	@set -euo pipefail; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp" requirements.lock.tmp' EXIT; \
+	echo "lock: installing pyproject.toml's ranges into a throwaway venv in $$tmp"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e '.[dev]'; \
+	{ echo "# requirements.lock: pip constraints pinning every package qatflow installs, direct or"; \
+	  echo "# transitive, to one exact version (the project itself excluded). \`make setup\` installs"; \
+	  echo "# with \`pip install -c requirements.lock -e '.[dev]'\`; pyproject.toml keeps the ranges."; \
+	  echo "# Made by \`make lock\`, the one command that refreshes it: a fresh venv in a temp folder,"; \
+	  echo "# pyproject.toml's ranges installed with the dev extra and no constraints, then \`pip freeze\`"; \
+	  echo "# with local version labels dropped (torch==2.13.0 takes the 2.13.0+cpu wheel where it lies)."; \
+	  "$$tmp/venv/bin/python" -c 'import platform; print(f"# Resolved on {platform.system()} {platform.machine()}, CPython {platform.python_version()}.")'; \
+	  "$$tmp/venv/bin/python" -m pip freeze --exclude-editable --exclude qatflow \
+	    | sed -E 's/^([^=[:space:]]+==[^+[:space:]]+)\+[^[:space:]]*$$/\1/'; \
+	} > requirements.lock.tmp; \
+	grep -q '^torch==' requirements.lock.tmp || { echo "lock: no torch pin in the freeze" >&2; exit 1; }; \
+	if grep -v '^#' requirements.lock.tmp | grep -qv '=='; then \
+	  echo "lock: a line without an == pin:" >&2; grep -v '^#' requirements.lock.tmp | grep -v '==' >&2; exit 1; fi; \
+	mv -f requirements.lock.tmp requirements.lock; \
+	echo "lock: wrote requirements.lock ($$(grep -vc '^#' requirements.lock) packages pinned)"
 
 .dvc/config:
 	@if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/dvc init --quiet; \
