@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from tasks.errors import ParamsError
+from tasks.params import safe_yaml
 
 
 def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
@@ -17,7 +16,7 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
-        parsed[key] = yaml.safe_load(value)
+        parsed[key] = safe_yaml(value, f"{flag} {key}")
     return parsed
 
 

@@ -4,10 +4,14 @@ Everything goes to a temporary file in the destination's folder (same filesystem
 is renamed over the destination only when complete. A stage writes all its outputs through
 `staged_outputs()`, which publishes them together once the stage has succeeded; dvc.yaml marks
 them `persist: true` so that DVC does not delete the previous ones before the stage runs.
+
+A destination folder the stage may not write (permissions, a read-only or immutable folder) is a
+QatflowError naming the folder, raised before anything is replaced.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,12 +21,60 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from tasks.errors import QatflowError
+
+# What a folder the user (or the system) made read-only answers: not a bug, nothing to trace back.
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class NotWritable(QatflowError):
+    pass
+
+
+def _shown(path: Path) -> Path:
+    """Relative to the working directory when inside it, as the user would name the folder."""
+    try:
+        return path.absolute().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+@contextmanager
+def _writing_into(folder: Path) -> Iterator[None]:
+    """Turn "this folder may not be written" into one line naming the folder."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        # The folder the failed call wrote into: the one given, or a missing one above it.
+        where = Path(exc.filename).parent if exc.filename else folder
+        raise NotWritable(f"{_shown(where)}: not writable ({exc.strerror}); previous outputs left "
+                          "in place") from None
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Publishing a folder moves the old one aside and deletes it: that needs every folder in it
+    to be writable. Checked (by making and removing an empty folder in each) before anything moves."""
+    folders = [directory, *(p for p in directory.rglob("*") if p.is_dir() and not p.is_symlink())]
+    for folder in folders:
+        probe = folder / f".qatflow-probe.{os.getpid()}"
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as exc:
+            if exc.errno not in UNWRITABLE:
+                raise
+            raise NotWritable(f"{_shown(folder)}: not writable ({exc.strerror}); previous outputs "
+                              "left in place") from None
+
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _writing_into(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -76,18 +128,23 @@ class StagedOutputs:
         destination = Path(destination)
         if destination in self._staged:
             return self._staged[destination]
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        recover_leftovers(destination)
-        staged = _sibling(destination, "staged")
-        if directory:
+        with _writing_into(destination.parent):
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            recover_leftovers(destination)
+            staged = _sibling(destination, "staged")
             staged.mkdir()
+            if not directory:  # a file: found out now, not at the end of a long stage, that
+                staged.rmdir()  # the folder takes new entries
         self._staged[destination] = staged
         return staged
 
     @contextmanager
     def open(self, destination: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         # The staged name is private to this process: no temp-and-rename needed inside it.
-        with open(self.path(destination), mode) as f:
+        staged = self.path(destination)
+        with _writing_into(staged.parent):
+            f = open(staged, mode)  # noqa: SIM115 - only opening may fail as "not writable"
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -119,15 +176,20 @@ class StagedOutputs:
                 for path in (p for p in staged.rglob("*") if p.is_file()):
                     _fsync_file(path)
                 _fsync_dir(staged)
+                if destination.is_dir():
+                    _check_replaceable(destination)
         for destination, staged in self._staged.items():
-            if staged.is_dir() and destination.is_dir():
-                # A directory cannot be renamed over a non-empty one: swap via a side name.
-                old = _sibling(destination, "old")
-                os.replace(destination, old)
-                os.replace(staged, destination)
-                shutil.rmtree(old)
-            else:
-                os.replace(staged, destination)
+            old = None
+            with _writing_into(destination.parent):
+                if staged.is_dir() and destination.is_dir():
+                    # A directory cannot be renamed over a non-empty one: swap via a side name.
+                    old = _sibling(destination, "old")
+                    os.replace(destination, old)
+                    os.replace(staged, destination)
+                else:
+                    os.replace(staged, destination)
+            if old is not None:
+                shutil.rmtree(old)  # _check_replaceable found every folder in it writable
             _fsync_dir(destination.parent)
         self._staged.clear()
 
@@ -143,10 +205,10 @@ def staged_outputs() -> Iterator[StagedOutputs]:
     outputs = StagedOutputs()
     try:
         yield outputs
+        outputs.publish()
     except BaseException:
-        outputs.discard()
+        outputs.discard()  # whatever publish had not moved yet (a refused folder: all of it)
         raise
-    outputs.publish()
 
 
 def recover_leftovers(destination: Path) -> None:

@@ -11,6 +11,7 @@ purpose: they prove a deployment needs nothing of qatflow.)
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -130,11 +131,12 @@ def exported_meta_text(meta: ExportedMeta) -> str:
     return meta.model_dump_json()
 
 
-def read_exported_meta(path: Path) -> ExportedMeta:
+def read_exported_meta(path: Path, data: bytes | None = None) -> ExportedMeta:
     """meta.json embedded by export, read from the archive (TorchScript or torch.export) without
-    loading the model: int8 weights must be loaded after the quantized engine is set."""
+    loading the model: int8 weights must be loaded after the quantized engine is set. `data`: the
+    file's bytes when the caller already holds them (predict verifies exactly what it loads)."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("/extra/meta.json")), None)
             if name is None:
                 raise DataError(f"{path}: no meta.json inside; not a qatflow export")

@@ -7,7 +7,8 @@ shape, normalization, quantization backend, torch version, model config) as an e
 that never imports qatflow and compares it with the eager model. Then the deployment gate: int8
 QAT (the exported file) may lose at most export.max_accuracy_drop percentage points of test
 accuracy against the eager fp32 model. The files and metrics/export.json replace the previous ones
-only if every check passes.
+only if every check passes. metrics/export.json records each file's sha256 (of the exact bytes
+published): predict loads only files listed there, unless told --trust.
 
 fp32.pt is frozen but not passed through `torch.jit.optimize_for_inference`: its MKLDNN-prepacked
 weights do not survive `torch.jit.save` (loading fails with "required keyword attribute 'value' is
@@ -16,6 +17,7 @@ undefined"). Apply optimize_for_inference after loading, as evaluate does (Varia
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -162,6 +164,8 @@ def export(params: ExportParams, workspace: Workspace) -> dict:
             report[name] = parity(variant, predict_logits(module, x),
                                   loaded[workdir / Path(variant.file).name], params)
             report[name]["size_bytes"] = len(payloads[name])
+            # The exact bytes published: predict refuses a model file whose hash is not listed.
+            report[name]["sha256"] = hashlib.sha256(payloads[name]).hexdigest()
 
     failed = {name: r for name, r in report.items() if not r["passed"]}
     if failed:

@@ -60,7 +60,35 @@ class NpyStream:
         self.name = f"{path}: array {key!r}" if key else str(path)
         with self._open() as f:
             self.shape, self.dtype, fortran = _read_header(f, self.name)
+            self.header_bytes = f.tell()
         self.fortran_order = fortran
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.shape[1:]))
+
+    def stored_bytes(self) -> int:
+        """How many data bytes follow the header, from the file's size or the zip member's
+        declared size: nothing is read or decompressed."""
+        try:
+            if self.key is None:
+                size = self.path.stat().st_size
+            else:
+                with zipfile.ZipFile(self.path) as archive:
+                    size = archive.getinfo(f"{self.key}.npy").file_size
+        except (zipfile.BadZipFile, KeyError, OSError) as exc:
+            raise DataError(f"{self.name}: cannot read ({exc})") from None
+        return size - self.header_bytes
+
+    def check_complete(self) -> None:
+        """Refuse an array whose header declares more rows than the file (or zip member) holds,
+        before reading any of them."""
+        declared = self.shape[0] * self.row_bytes
+        stored = self.stored_bytes()
+        if stored < declared:
+            got = max(0, stored) // max(1, self.row_bytes)
+            raise DataError(f"{self.name}: truncated: the header says {self.shape[0]} rows, "
+                            f"the data ends after {got}")
 
     @contextmanager
     def _open(self) -> Iterator[IO[bytes]]:

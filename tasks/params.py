@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import reprlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import ParamsError
+from tasks.readers import DEFAULT_MAX_IMAGE_PIXELS
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -35,6 +37,9 @@ class DataParams(Section):
     label_column: Annotated[str, Field(min_length=1)] = "label"  # CSV sources
     image_size: list[PositiveInt] = Field(default=[28, 28], min_length=2, max_length=2)  # folders: [H, W]
     image_mode: Literal["grayscale", "rgb"] = "grayscale"  # folders
+    # Folders: an image with more pixels (width * height, read from its header before decoding)
+    # is refused; see DEFAULT_MAX_IMAGE_PIXELS in tasks/readers.py for why this default.
+    max_image_pixels: PositiveInt = DEFAULT_MAX_IMAGE_PIXELS
 
 
 class SplitFractions(Section):
@@ -119,6 +124,23 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
 
 
+QUOTED_CHARS = 80  # of a bad value quoted in an error; a huge value must not flood the terminal
+
+
+def quoted(value: object, limit: int = QUOTED_CHARS) -> str:
+    """repr(value), cut to its first `limit` characters plus '…': one bad value, one short line.
+
+    Never a huge repr first: a long string is sliced, and reprlib cuts containers as it writes."""
+    if isinstance(value, (str, bytes)):
+        text = repr(value[: limit + 1])
+    else:
+        short = reprlib.Repr()
+        short.maxstring = short.maxother = short.maxlong = limit
+        short.maxlist = short.maxtuple = short.maxdict = short.maxset = max(1, limit // 4)
+        text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def parse_params(raw: object, origin: str = "params") -> Params:
     """Validate a params mapping; the error names every bad key by its dotted path."""
     if raw is None:
@@ -133,9 +155,42 @@ def parse_params(raw: object, origin: str = "params") -> Params:
             if err["type"] == "extra_forbidden":
                 message = "unknown key"
             elif "input" in err and err["type"] != "missing":
-                message += f" (got {err['input']!r})"
+                message += f" (got {quoted(err['input'])})"
             problems.append(f"  {key}: {message}")
         raise ParamsError(f"{origin} is invalid:\n" + "\n".join(problems)) from None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses anchors and aliases while composing, before anything is
+    constructed: a "billion laughs" file (aliases of aliases) is refused at its first alias
+    instead of being expanded into gigabytes. Params never need them."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _AliasRefused(event, f"YAML aliases (*{event.anchor}) are not allowed in params")
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _AliasRefused(event, f"YAML anchors (&{anchor}) and aliases are not allowed in params")
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(Exception):
+    def __init__(self, event: yaml.Event, message: str) -> None:
+        super().__init__(message)
+        self.line = event.start_mark.line + 1 if event.start_mark else None
+
+
+def safe_yaml(text: str, origin: str) -> object:
+    """Parse YAML text from `origin` (a file, or e.g. "--set train.lr") as params are parsed:
+    safe types only, no anchors or aliases; ParamsError naming `origin` and the line otherwise."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: safe types only
+    except _AliasRefused as exc:
+        where = f"line {exc.line}: " if exc.line else ""
+        raise ParamsError(f"{origin}: {where}{exc}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{origin}: not valid YAML: {exc}") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -144,8 +199,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         text = path.read_text()
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
-    return parse_params(raw, origin=str(path))
+    return parse_params(safe_yaml(text, str(path)), origin=str(path))

@@ -4,6 +4,9 @@ folders. Every reader refuses pickle and names the file (and row/column) it cann
 from __future__ import annotations
 
 import csv
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +16,11 @@ from tasks.errors import DataError
 from tasks.npyio import NpyStream, npz_members
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Images with more pixels (width * height, from the header, before decoding) are refused: 40 MP is
+# a 7,300 x 5,500 photo, more than any camera image a classifier is trained on, and decoding it as
+# RGB takes 120 MB, so a folder of them cannot exhaust memory one by one. Below PIL's own
+# decompression-bomb limit (about 89 MP), which read_images enforces too. data.max_image_pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
 def array_stream(path: Path, key: str) -> NpyStream:
@@ -23,16 +31,22 @@ def array_stream(path: Path, key: str) -> NpyStream:
     return NpyStream(path, key)
 
 
-def read_array_file(path: Path, key: str = "x") -> np.ndarray:
-    """Array `key` of an .npz (or its only array), or the array in an .npy."""
+def open_array_file(path: Path, key: str = "x") -> NpyStream:
+    """Array `key` of an .npz (or its only array), or the array in an .npy, streamed: only its
+    header is read here, so shape and dtype can be checked before any data is."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix == ".npy":
-        return NpyStream(path).load()
+        return NpyStream(path)
     names = npz_members(path)
     if key not in names and len(names) == 1:
         key = names[0]
-    return array_stream(path, key).load()
+    return array_stream(path, key)
+
+
+def read_array_file(path: Path, key: str = "x") -> np.ndarray:
+    """Array `key` of an .npz (or its only array), or the array in an .npy, loaded whole."""
+    return open_array_file(path, key).load()
 
 
 @dataclass(frozen=True)
@@ -72,7 +86,8 @@ def read_csv(path: Path, label_column: str, require_labels: bool) -> CsvTable:
     return CsvTable(_numbers(cells[:, keep], path, columns), labels, columns)
 
 
-def _numbers(cells: np.ndarray, path: Path, columns: list[str]) -> np.ndarray:
+def _numbers(cells: np.ndarray, path: Path, columns: list[str], first_row: int = 2) -> np.ndarray:
+    """`cells` as float32; `first_row` is the CSV row number of cells[0] (the header is row 1)."""
     try:
         return cells.astype(np.float32)
     except ValueError:
@@ -80,7 +95,7 @@ def _numbers(cells: np.ndarray, path: Path, columns: list[str]) -> np.ndarray:
             try:
                 float(cell)
             except ValueError:
-                raise DataError(f"{path}: row {r + 2}, column {columns[c]!r}: "
+                raise DataError(f"{path}: row {r + first_row}, column {columns[c]!r}: "
                                 f"{str(cell)!r} is not a number") from None
         raise
 
@@ -93,6 +108,65 @@ def read_csv_features(path: Path, label_column: str = "label") -> np.ndarray:
     return table.features
 
 
+CSV_CHUNK_CELLS = 250_000  # cells parsed at a time by CsvRows.chunks (about 40 MB at peak)
+
+
+class CsvRows:
+    """read_csv_features streamed (tasks.npyio.Rows): one pass here checks the header and every
+    row's width and counts the rows, keeping none; chunks() parses `rows` rows at a time."""
+
+    def __init__(self, path: Path, label_column: str = "label") -> None:
+        self.path, self.name, self.dtype = path, str(path), np.dtype(np.float32)
+        with self._reader() as reader:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: empty file; a CSV needs a header row and data rows")
+            header = [name.strip() for name in header]
+            count, blank_at = 0, None  # blank lines count only at the end of the file
+            for number, row in enumerate(reader, start=2):
+                if not row:
+                    blank_at = blank_at or number
+                    continue
+                if blank_at is not None:
+                    raise DataError(f"{path}: row {blank_at} has 0 cells, the header has {len(header)}")
+                if len(row) != len(header):
+                    raise DataError(f"{path}: row {number} has {len(row)} cells, the header has {len(header)}")
+                count += 1
+        if not header:  # only blank lines (a first row that is blank with more rows fails above)
+            raise DataError(f"{path}: empty file; a CSV needs a header row and data rows")
+        self.keep = [i for i, name in enumerate(header) if name != label_column]
+        if not self.keep:
+            raise DataError(f"{path}: no feature columns besides {label_column!r}")
+        if count == 0:
+            raise DataError(f"{path}: needs a header row and at least one data row")
+        self.columns = [header[i] for i in self.keep]
+        self.width = len(header)
+        self.shape = (count, len(self.keep))
+        # Parsed cells are Python strings (about 60 bytes each) before they are numbers.
+        self.max_rows = max(1, CSV_CHUNK_CELLS // self.width)
+
+    @contextmanager
+    def _reader(self) -> Iterator[Iterator[list[str]]]:
+        try:
+            # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
+            with open(self.path, newline="", encoding="utf-8-sig") as f:
+                yield csv.reader(f)
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{self.path}: cannot read as CSV ({exc})") from None
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        with self._reader() as reader:
+            next(reader)
+            done = 0
+            while done < self.shape[0]:
+                body = list(itertools.islice(reader, min(rows, self.shape[0] - done)))
+                if len(body) == 0 or any(len(row) != self.width for row in body):
+                    raise DataError(f"{self.path}: changed while being read")
+                cells = np.array(body, dtype=str).reshape(len(body), self.width)[:, self.keep]
+                yield _numbers(cells, self.path, self.columns, first_row=2 + done)
+                done += len(body)
+
+
 def image_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -102,8 +176,15 @@ def image_files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_images(files: list[Path], height: int, width: int, channels: int) -> np.ndarray:
-    """Images resized to height x width, grayscale (1 channel) or RGB (3), as uint8 (N, C, H, W)."""
+def read_images(files: list[Path], height: int, width: int, channels: int,
+                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                max_pixels_key: str | None = None) -> np.ndarray:
+    """Images resized to height x width, grayscale (1 channel) or RGB (3), as uint8 (N, C, H, W).
+
+    An image of more than `max_pixels` (the params key `max_pixels_key` sets it, if any), or one
+    PIL takes for a decompression bomb, is refused by its header, before it is decoded."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if channels not in (1, 3):
@@ -111,9 +192,19 @@ def read_images(files: list[Path], height: int, width: int, channels: int) -> np
     out = np.empty((len(files), channels, height, width), dtype=np.uint8)
     for i, file in enumerate(files):
         try:
-            with Image.open(file) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-                pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+            with warnings.catch_warnings():
+                # PIL only warns between its limit and twice it; here both refuse the file.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(file) as image:
+                    w, h = image.size
+                    if w * h > max_pixels:
+                        setting = f" ({max_pixels_key})" if max_pixels_key else ""
+                        raise DataError(f"{file}: {w} x {h} image has {w * h:,} pixels, over the "
+                                        f"limit of {max_pixels:,}{setting}")
+                    image = image.convert("L" if channels == 1 else "RGB")
+                    pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DataError(f"{file}: refused as a possible decompression bomb ({exc})") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"{file}: not a readable image ({exc})") from None
         out[i] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
@@ -128,7 +219,9 @@ class ImageFolder:
     files: list[Path]
 
 
-def read_image_folder(path: Path, height: int, width: int, channels: int) -> ImageFolder:
+def read_image_folder(path: Path, height: int, width: int, channels: int,
+                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                      max_pixels_key: str | None = None) -> ImageFolder:
     """One sub-folder per class (sorted names are the classes), images anywhere below it."""
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
@@ -139,7 +232,8 @@ def read_image_folder(path: Path, height: int, width: int, channels: int) -> Ima
         found = image_files(folder)
         files += found
         labels += [label] * len(found)
-    return ImageFolder(read_images(files, height, width, channels), np.array(labels, np.int64),
+    x = read_images(files, height, width, channels, max_pixels, max_pixels_key)
+    return ImageFolder(x, np.array(labels, np.int64),
                        [p.name for p in classes], files)
 
 
@@ -147,13 +241,23 @@ def conform(x: np.ndarray, input_shape: list[int], origin: str, expected_by: str
     """Samples shaped as the model expects: a missing channel axis is added, flat rows (a CSV of
     pixels or of a signal) are reshaped, and vectors take any shape of the right size, as prepare
     flattens them; anything else is refused."""
+    check_conformable(x.shape, input_shape, origin, expected_by)
     shape = tuple(input_shape)
-    if x.ndim >= 2 and x.shape[1:] == shape:
-        return x
-    if x.ndim >= 2 and len(shape) > 1 and shape[0] == 1 and x.shape[1:] == shape[1:]:
-        return x[:, None]
+    return x if x.shape[1:] == shape else x.reshape(len(x), *shape)
+
+
+def check_conformable(array_shape: tuple[int, ...], input_shape: list[int], origin: str,
+                      expected_by: str) -> None:
+    """conform's test on an array's shape alone (an NPY header's, before any data is read): every
+    shape it accepts is a row-major reshape of each sample to `input_shape`."""
+    shape, given = tuple(input_shape), tuple(array_shape)
+    ndim, samples = len(given), given[1:]
+    if ndim >= 2 and samples == shape:
+        return
+    if ndim >= 2 and len(shape) > 1 and shape[0] == 1 and samples == shape[1:]:
+        return
     size = int(np.prod(shape))
-    if x.ndim >= 2 and int(np.prod(x.shape[1:])) == size and (x.ndim == 2 or len(shape) == 1):
-        return x.reshape(len(x), *shape)
-    raise DataError(f"{origin}: samples have shape {x.shape[1:]}, but {expected_by} expects "
+    if ndim >= 2 and int(np.prod(samples)) == size and (ndim == 2 or len(shape) == 1):
+        return
+    raise DataError(f"{origin}: samples have shape {samples}, but {expected_by} expects "
                     f"{shape}")

@@ -202,6 +202,7 @@ def _load_csv(path: Path, label_column: str) -> Source:
 
 def _load_image_folder(path: Path, data: DataParams) -> Source:
     height, width = data.image_size
-    folder = read_image_folder(path, height, width, 1 if data.image_mode == "grayscale" else 3)
+    folder = read_image_folder(path, height, width, 1 if data.image_mode == "grayscale" else 3,
+                               data.max_image_pixels, "data.max_image_pixels")
     return Source(InMemory(folder.x, str(path)), folder.y, folder.class_names, 255.0, str(path),
                   row_label=lambda i: str(folder.files[i]))
