@@ -11,25 +11,28 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import get_current_settings
 from prefect.states import Completed
 
 from flows import dvcrepo
 from flows.options import apply_overrides, parse_key_values
+from tasks.cli import pdeathsig_preexec
 from tasks.deprecations import silence_torch_deprecations
 from tasks.errors import QatflowError
-from tasks.params import load_params, parse_params
+from tasks.params import load_params, parse_params, safe_yaml
 
 # Training is the only stage that can run long; a hung one should not hold the workspace forever.
 STAGE_TIMEOUT_S = {"train": 3600}
@@ -43,7 +46,7 @@ class WorkspaceBusy(QatflowError):
 def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
     """Validate params.yaml with the overrides applied, against the one schema, before anything
     runs or is written."""
-    raw = yaml.safe_load(params_file.read_text()) or {}
+    raw = safe_yaml(params_file.read_text(), params_file.name) or {}
     apply_overrides(raw, overrides)
     parse_params(raw, origin=f"{params_file.name} with overrides {overrides}")
 
@@ -166,6 +169,32 @@ def pipeline(
     return summary
 
 
+def start_temporary_server() -> None:
+    """Without PREFECT_API_URL, start the temporary Prefect server Prefect would start for the run,
+    but one that dies with this process: Prefect's own outlives a `kill -9` of the flow.
+
+    Prefect keeps one temporary server per process (SubprocessASGIServer's instance for port None)
+    and starts it on first use; the one registered and started here, in the main thread (the
+    death signal follows the thread that starts a child), is the one the flow then uses.
+    """
+    if get_current_settings().api.url or (preexec := pdeathsig_preexec()) is None:
+        return
+    from prefect.server.api import server as prefect_server
+
+    class DiesWithFlowServer(prefect_server.SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            # Prefect's own command and environment, started with a death signal.
+            real = prefect_server.subprocess
+            prefect_server.subprocess = types.SimpleNamespace(
+                Popen=lambda *args, **kwargs: real.Popen(*args, preexec_fn=preexec, **kwargs))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                prefect_server.subprocess = real
+
+    DiesWithFlowServer().start()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,6 +204,7 @@ def main() -> None:
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: %(default)s)")
     args = parser.parse_args()
     silence_torch_deprecations()
+    start_temporary_server()
     state = pipeline(overrides=parse_key_values(args.set, "--set"), save_experiment=not args.no_experiment,
                      project_dir=args.project_dir, return_state=True)
     if not state.is_completed():

@@ -13,6 +13,7 @@ default project_dir.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.deployments.runner import EntrypointType
+from prefect.exceptions import TerminationSignal
+from prefect.runner import Runner
 from prefect.schedules import Cron, Interval, Schedule
 from prefect.settings import get_current_settings
 
@@ -82,6 +85,52 @@ def main_parser(config: dict[str, Any]) -> argparse.ArgumentParser:
     return parser
 
 
+class DrainingRunner(Runner):
+    """A Runner that a SIGTERM stops the way a deploy or a reboot wants: it takes no new runs, lets
+    the runs in flight finish and record their real state, then exits. Prefect's own Runner
+    cancels them (CANCELLED, although the pipeline may have finished). A second SIGTERM does that:
+    it cancels what still runs and exits."""
+
+    draining = False
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        if not self.started or self._loop is None:
+            sys.exit(0)
+        if self.draining:
+            self._logger.info("second SIGTERM: cancelling the runs in flight...")
+            self.execute_in_background(self.astop)
+            return
+        self.draining = True
+        self._logger.info("SIGTERM: taking no new runs; waiting for the runs in flight to finish "
+                          "(SIGTERM again to cancel them)...")
+        self.execute_in_background(self._drain_then_stop)
+
+    def _in_flight(self) -> int:
+        # Runs from their submission (Pending) until their process exits.
+        return len(self._scheduled_run_poller._submitting_flow_run_ids)
+
+    async def _drain_then_stop(self) -> None:
+        self._scheduled_run_poller.stopping = True
+        quiet = 0
+        while quiet < 2:  # twice in a row: a poll under way when SIGTERM came may still submit
+            quiet = quiet + 1 if not self._in_flight() else 0
+            await asyncio.sleep(1)
+        if self.started:
+            await self.astop()
+
+
+def serve(flow: Any, name: str, limit: int | None, **deployment: Any) -> None:
+    """flow.serve(), with the DrainingRunner."""
+    runner = DrainingRunner(name=name, pause_on_shutdown=False, limit=limit)
+    runner.add_flow(flow, name=name, **deployment)
+    print(f"serving {flow.name}/{name}; run it now with: prefect deployment run '{flow.name}/{name}'",
+          flush=True)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        print(f"flows.serve: {type(exc).__name__}, shutting down", file=sys.stderr)
+
+
 def main() -> None:
     config = deployment_config()
     args = main_parser(config).parse_args()
@@ -93,16 +142,17 @@ def main() -> None:
     from flows.pipeline import pipeline
 
     limit = config.get("concurrency_limit")
-    pipeline.serve(
+    # Stopping this process (a reboot, a deploy) must not switch the nightly schedule off
+    # (serve() never pauses it), and lets the run in flight finish (DrainingRunner).
+    serve(
+        pipeline,
         name=args.name,
         schedule=schedule_from(args, config),
         parameters=parameters,
         description=config.get("description"),
         tags=config.get("tags"),
         limit=limit,
-        global_limit=limit,
-        # Stopping this process (a reboot, a deploy) must not switch the nightly schedule off.
-        pause_on_shutdown=False,
+        concurrency_limit=limit,
         # Flow runs import `flows.pipeline` by name, as this process did, not by a file path
         # relative to the working directory.
         entrypoint_type=EntrypointType.MODULE_PATH,

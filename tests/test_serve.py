@@ -17,8 +17,6 @@ import pytest
 
 from conftest import REPO, init_tiny_project
 
-RUN_DONE = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
 
 def prefect_env(home: Path, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
     """`base` (default: this process's environment) minus any PREFECT_* the developer has set (an
@@ -65,9 +63,11 @@ def tail(log: Path, chars: int = 4000) -> str:
     return log.read_text(errors="replace")[-chars:]
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
-    """A real Prefect server on a free port, with its own home and SQLite file: its API URL."""
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on a free port, with its own home and SQLite file: its API URL. One
+    for the module (its start costs ~20 s); each test serves a deployment of its own name."""
+    tmp_path = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = prefect_env(
@@ -125,32 +125,52 @@ def test_schedule_comes_from_prefect_yaml_unless_overridden():
     assert parse([]).name == config["name"]
 
 
-def finished_runs(api: httpx.Client, deployment: str) -> list[dict]:
+def runs_of(api: httpx.Client, deployment: str) -> list[dict]:
     query = {"deployments": {"name": {"any_": [deployment]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    runs = api.post("/flow_runs/filter", json=query).raise_for_status().json()
-    return [run for run in runs if run["state_type"] in RUN_DONE]
+    return api.post("/flow_runs/filter", json=query).raise_for_status().json()
 
 
-@pytest.mark.e2e
-def test_served_pipeline_runs_on_schedule(prefect_server, tmp_path):
-    url, name, project = prefect_server, "serve-test", tmp_path / "project"
+def serve_until_training(url: str, name: str, tmp_path: Path):
+    """flows.serve of the tiny project, every 5 s, until a run is RUNNING and into training."""
+    project = tmp_path / "project"
     env = prefect_env(tmp_path / "serve-home", init_tiny_project(project), PREFECT_API_URL=url)
     log = tmp_path / "serve.log"
     serve = start([sys.executable, "-m", "flows.serve", "--interval", "5", "--name", name,
                    "--param", f"project_dir={project}"], cwd=project, env=env, log=log)
-    with httpx.Client(base_url=url, timeout=10) as api:
-        try:
+    try:
+        with httpx.Client(base_url=url, timeout=10) as api:
             deadline = time.monotonic() + 240
-            while not (done := finished_runs(api, name)):
+            while not ((running := [r for r in runs_of(api, name) if r["state_type"] == "RUNNING"])
+                       and (project / "models" / "train" / "checkpoint.pt").exists()):
                 assert serve.poll() is None, f"flows.serve exited:\n{tail(log)}"
-                assert time.monotonic() < deadline, f"no finished run after 240 s:\n{tail(log)}"
-                time.sleep(2)
-        finally:
-            stop(serve)
+                assert time.monotonic() < deadline, f"no run in training after 240 s:\n{tail(log)}"
+                time.sleep(0.2)
+    except BaseException:
+        stop(serve)
+        raise
+    (in_flight,) = running
+    return serve, log, project, in_flight
+
+
+@pytest.mark.e2e
+def test_served_pipeline_runs_on_schedule_and_sigterm_lets_the_run_finish(prefect_server, tmp_path):
+    """The schedule starts a run; a SIGTERM (systemd stopping the service, a deploy) then takes no
+    new runs, lets the one in flight finish and record its real state, and exits (Prefect's own
+    serve would mark it CANCELLED); the schedule stays on for the next serve."""
+    url, name = prefect_server, "sigterm-test"
+    serve, log, project, in_flight = serve_until_training(url, name, tmp_path)
+    try:
+        os.kill(serve.pid, signal.SIGTERM)  # serve alone, as `kill PID` or systemd's KillMode=mixed
+        serve.wait(300)
+    finally:
+        stop(serve)
+    with httpx.Client(base_url=url, timeout=10) as api:
+        run = api.get(f"/flow_runs/{in_flight['id']}").raise_for_status().json()
+        others = [r for r in runs_of(api, name) if r["id"] != in_flight["id"]]
         deployment = api.get(f"/deployments/name/qatflow-pipeline/{name}").raise_for_status().json()
 
-    run = done[0]
-    assert run["state_type"] == "COMPLETED", f"{run['state_name']}:\n{tail(log)}"
+    assert serve.returncode == 0, tail(log)
+    assert run["state_type"] == "COMPLETED", f"{run['state_name']}: {run['state']['message']}\n{tail(log)}"
     assert run["auto_scheduled"], "the run should come from the schedule, not a manual trigger"
     assert run["parameters"] == {"project_dir": str(project)}
     # pause_on_shutdown=False: stopping serve leaves the schedule on.
@@ -159,3 +179,24 @@ def test_served_pipeline_runs_on_schedule(prefect_server, tmp_path):
     experiments = subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=project,
                                  capture_output=True, text=True, check=True).stdout
     assert run["name"] in experiments, f"no DVC experiment named {run['name']}:\n{experiments}"
+    # No new run started once SIGTERM came.
+    assert all(r["state_type"] == "SCHEDULED" for r in others), [(r["name"], r["state_name"]) for r in others]
+    assert "taking no new runs" in log.read_text()
+
+
+@pytest.mark.e2e
+def test_a_second_sigterm_cancels_the_run_in_flight(prefect_server, tmp_path):
+    url, name = prefect_server, "sigterm-twice-test"
+    serve, log, project, in_flight = serve_until_training(url, name, tmp_path)
+    try:
+        os.kill(serve.pid, signal.SIGTERM)
+        time.sleep(2)
+        os.kill(serve.pid, signal.SIGTERM)
+        serve.wait(120)
+    finally:
+        stop(serve)
+    with httpx.Client(base_url=url, timeout=10) as api:
+        run = api.get(f"/flow_runs/{in_flight['id']}").raise_for_status().json()
+    assert serve.returncode == 0, tail(log)
+    assert run["state_type"] == "CANCELLED", f"{run['state_name']}\n{tail(log)}"
+    assert not (project / "models" / "int8.pt").exists()
