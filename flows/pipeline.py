@@ -29,9 +29,9 @@ from prefect.states import Completed
 
 from flows import dvcrepo
 from flows.options import apply_overrides, parse_key_values
-from tasks.cli import pdeathsig_preexec
 from tasks.deprecations import silence_torch_deprecations
 from tasks.errors import QatflowError
+from tasks.lifeline import pdeathsig_preexec
 from tasks.params import load_params, parse_params, safe_yaml
 
 # Training is the only stage that can run long; a hung one should not hold the workspace forever.

@@ -162,7 +162,7 @@ def test_killed_flow_leaves_no_stage_or_server_running(tmp_path):
 def test_a_stage_whose_dvc_died_before_it_started_dies(tmp_path):
     """The race prctl leaves: DVC (here a shell) is gone before the stage arms its death signal."""
     said = tmp_path / "said"
-    stage = ("import time; time.sleep(1); from tasks.cli import die_with_dvc; die_with_dvc(); "
+    stage = ("import time; time.sleep(1); from tasks.lifeline import die_with_dvc; die_with_dvc(); "
              f"open({str(said)!r}, 'w').write('survived')")
     env = {**os.environ, "DVC_STAGE": "train", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     # The shell starts the stage in the background and exits: the stage is orphaned at once.

@@ -40,7 +40,7 @@ def test_every_stage_depends_on_the_project_modules_it_imports():
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasks."):
                 imported.add(node.module)
         # Plumbing that cannot change an output's bytes needs no re-run when edited.
-        plumbing = {"tasks.atomic", "tasks.cli", "tasks.errors", "tasks.workspace", "tasks.params", "tasks.deprecations"}
+        plumbing = {"tasks.atomic", "tasks.cli", "tasks.lifeline", "tasks.errors", "tasks.workspace", "tasks.params", "tasks.deprecations"}
         expected = {f"tasks/{m.split('.')[1]}.py" for m in imported - plumbing} | {f"tasks/{name}.py"}
         assert expected <= paths(stage["deps"]), name
 
