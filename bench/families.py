@@ -1,7 +1,7 @@
 """Accuracy per model family on real data, through the real stages: `python -m bench.families`.
 
-Each dataset runs prepare -> train -> qat -> export -> evaluate in-process in a throwaway project
-folder, and is compared with a well-tuned linear model (logistic regression, C chosen by 5-fold
+Each dataset runs prepare -> train -> qat -> export -> export_onnx -> evaluate in-process in a
+throwaway project folder, and is compared with a well-tuned linear model (logistic regression, C chosen by 5-fold
 cross-validation on train+val) scored on the same prepared test split. Prints a table and writes
 bench/families.json. `python -m bench.families digits wine` runs only the datasets named.
 
@@ -43,6 +43,7 @@ from rich.table import Table
 
 from tasks.evaluate import cpu_name, evaluate
 from tasks.export import export
+from tasks.export_onnx import export_onnx
 from tasks.params import parse_params
 from tasks.prepare import prepare
 from tasks.qat import qat
@@ -145,6 +146,7 @@ def run_case(case: Case) -> dict:
         trained = train(params.train, workspace)
         qat(params.qat, workspace)
         export(params.export, workspace)
+        export_onnx(params.export, workspace)
         metrics = evaluate(params.evaluate, workspace)
         seconds = time.perf_counter() - start
         config = torch.load(workspace.train_model, weights_only=True)["config"]

@@ -3,6 +3,8 @@
   data/prepared/meta.json        PreparedMeta   written by prepare, read by every later stage
   the model config in a .pt      ModelConfig    stored beside the weights by train and qat
   meta.json inside a model file  ExportedMeta   embedded by export, read by evaluate and predict
+                                                (in an .onnx file: its metadata_props
+                                                "qatflow.meta", read by tasks/deployed.py)
 
 No stage digs in a raw dict: a stale or hand-edited file is refused with its path and the field
 at fault. (deploy/cpp and tasks/parity_check.py read exported meta.json without this module on

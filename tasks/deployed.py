@@ -1,5 +1,6 @@
 """Loading an exported model the way a deployment must: metadata first, then the quantized engine,
-then the weights (int8 weights are packed for whichever engine is active when the file is read)."""
+then the weights (int8 weights are packed for whichever engine is active when the file is read).
+An .onnx file (export_onnx) runs in ONNX Runtime instead, behind the same torch-tensor call."""
 
 from __future__ import annotations
 
@@ -10,15 +11,22 @@ from typing import IO
 
 import torch
 
-from tasks.contracts import ExportedMeta, read_exported_meta
+import numpy as np
+
+from tasks.contracts import ExportedMeta, parse_json, read_exported_meta
 from tasks.errors import DataError
 
+ONNX_META_KEY = "qatflow.meta"  # metadata_props key of the ExportedMeta JSON in an .onnx file
 
-def load_deployed(path: Path, data: bytes | None = None) -> tuple[torch.nn.Module, ExportedMeta]:
-    """A TorchScript file (.pt) or a torch.export program (.pt2) and the meta.json it carries;
-    from `data`, the file's bytes, when the caller has read (and checked) them already."""
+
+def load_deployed(path: Path, data: bytes | None = None) -> tuple[torch.nn.Module | OnnxModel, ExportedMeta]:
+    """A TorchScript file (.pt), a torch.export program (.pt2) or an ONNX model (.onnx, in ONNX
+    Runtime) and the metadata it carries; from `data`, the file's bytes, when the caller has read
+    (and checked) them already."""
     if data is None and not path.is_file():
         raise DataError(f"{path}: model file not found")
+    if path.suffix == ".onnx":
+        return load_onnx(path, data)
     meta = read_exported_meta(path, data)
     if meta.backend:  # process-global, like the engine choice in any deployment
         torch.backends.quantized.engine = meta.backend
@@ -62,3 +70,66 @@ def _first_line(exc: BaseException, limit: int = 120) -> str:
     line = next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
     line = line.split("(Could this error message be improved?")[0].strip()
     return line if len(line) <= limit else line[:limit] + "…"
+
+
+def read_meta(path: Path, data: bytes | None = None) -> ExportedMeta:
+    """The ExportedMeta a model file carries, without loading the model: meta.json of a
+    TorchScript/torch.export archive, or the "qatflow.meta" metadata_props of an .onnx file."""
+    return read_onnx_meta(path, data) if path.suffix == ".onnx" else read_exported_meta(path, data)
+
+
+def read_onnx_meta(path: Path, data: bytes | None = None) -> ExportedMeta:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.ModelProto()
+        model.ParseFromString(data if data is not None else path.read_bytes())
+    except (DecodeError, OSError) as exc:
+        raise DataError(f"{path}: not an ONNX model qatflow exported (damaged or truncated: "
+                        f"{_first_line(exc)}); re-run export_onnx (dvc repro)") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if ONNX_META_KEY not in props:
+        raise DataError(f"{path}: no {ONNX_META_KEY} metadata inside; not an ONNX model qatflow "
+                        "exported (or a damaged one); re-run export_onnx (dvc repro)")
+    return parse_json(ExportedMeta, props[ONNX_META_KEY], f"{path}: {ONNX_META_KEY}",
+                      "re-run export_onnx (dvc repro)")
+
+
+class OnnxModel:
+    """An ONNX Runtime session called like a torch model: float32 tensor in, logits tensor out."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        try:
+            out = self.session.run(None, {self.input_name: batch})[0]
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            # ONNX Runtime's errors subclass Exception only; a failing torch model raises
+            # RuntimeError, which is what callers (predict's one-sample check) expect.
+            raise RuntimeError(str(exc)) from None
+        return torch.from_numpy(out)
+
+
+def load_onnx(path: Path, data: bytes | None = None) -> tuple[OnnxModel, ExportedMeta]:
+    """An .onnx file in ONNX Runtime on CPU, with as many threads as torch uses now (evaluate's
+    thread setting applies to it too), and the ExportedMeta it carries."""
+    import onnxruntime as ort
+
+    source = data if data is not None else path.read_bytes()
+    meta = read_onnx_meta(path, source)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: they are raised, not logged
+    try:
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
+        raise DataError(f"{path}: has qatflow metadata but ONNX Runtime cannot load it "
+                        f"({_first_line(exc)}); re-run export_onnx (dvc repro)") from None
+    return OnnxModel(session), meta

@@ -1,6 +1,7 @@
 """Every model variant qatflow measures, defined once: name, label, file, runtime, how it is loaded.
 
-export writes the entries made from an eager model (`made_from`), evaluate and the benchmark score
+export writes the entries made from an eager model (`made_from`) as TorchScript or torch.export
+files, export_onnx the ONNX Runtime ones (`made_by`), evaluate and the benchmark score
 and time every entry, the flow's report lists them, the figures colour them. A new runtime is one
 entry here plus its exporter in tasks/export.py (EXPORTERS, keyed by runtime).
 """
@@ -21,7 +22,7 @@ from tasks.inference import Model
 from tasks.model import load_checkpoint
 from tasks.workspace import Workspace
 
-Runtime = Literal["pytorch", "torchscript", "torch.export"]
+Runtime = Literal["pytorch", "torchscript", "torch.export", "onnxruntime"]
 EagerSource = Literal["fp32", "qat", "ptq"]  # the train checkpoint, or qat's prepared models
 
 
@@ -33,6 +34,7 @@ LOADERS: dict[Runtime, Callable[[Path], tuple[Model, ExportedMeta | None]]] = {
     "pytorch": _load_eager,
     "torchscript": load_deployed,
     "torch.export": load_deployed,
+    "onnxruntime": load_deployed,  # by the .onnx extension
 }
 
 
@@ -44,7 +46,9 @@ class Variant:
     runtime: Runtime
     precision: Literal["fp32", "int8"]  # fp32 files must match their eager model; int8 its argmax
     color: str
-    made_from: EagerSource | None = None  # exported by export from this eager model
+    made_from: EagerSource | None = None  # exported from this eager model
+    made_by: Literal["train", "export", "export_onnx"] = "export"  # the stage that writes the file
+    parity_with: str | None = None  # export_onnx: the variant whose file it must match
     # What a deployment does after loading and before serving; timings include it. fp32 TorchScript
     # is optimized in memory only: MKLDNN-prepacked weights do not survive torch.jit.save.
     optimize: Callable[[Model], Model] | None = None
@@ -66,7 +70,8 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("fp32", "fp32, eager", "models/train/fp32_state.pt", "pytorch", "fp32", "tab:blue"),
+    Variant("fp32", "fp32, eager", "models/train/fp32_state.pt", "pytorch", "fp32", "tab:blue",
+            made_by="train"),
     Variant("fp32_ts", "fp32 TorchScript", "models/fp32.pt", "torchscript", "fp32", "tab:cyan",
             made_from="fp32", optimize=torch.jit.optimize_for_inference),
     Variant("fp32_pt2", "fp32 torch.export", "models/fp32.pt2", "torch.export", "fp32", "tab:green",
@@ -75,8 +80,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             made_from="ptq"),
     Variant("int8", "int8 QAT TorchScript", "models/int8.pt", "torchscript", "int8", "tab:red",
             made_from="qat"),
+    Variant("fp32_onnx", "fp32 ONNX Runtime", "models/fp32.onnx", "onnxruntime", "fp32", "tab:olive",
+            made_from="fp32", made_by="export_onnx", parity_with="fp32_ts"),
+    Variant("int8_onnx", "int8 QAT ONNX Runtime", "models/int8.onnx", "onnxruntime", "int8", "tab:pink",
+            made_from="qat", made_by="export_onnx", parity_with="int8"),
 )}
-EXPORTED = {name: v for name, v in VARIANTS.items() if v.made_from is not None}
+EXPORTED = {name: v for name, v in VARIANTS.items() if v.made_by == "export"}
+ONNX_EXPORTED = {name: v for name, v in VARIANTS.items() if v.made_by == "export_onnx"}
 
 # The roles the reports compare: accuracy against the eager fp32 model, speed and size against the
 # best fp32 file (optimized TorchScript: the eager ratio would flatter int8), and the deployable.

@@ -87,13 +87,15 @@ def locked_outputs(project: Path) -> dict[str, str]:
 
 # Outputs whose bytes depend on measured time; everything else must reproduce exactly.
 TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency"}
-STAGES = ["prepare", "train", "qat", "export", "evaluate"]
+STAGES = ["prepare", "train", "qat", "export", "export_onnx", "evaluate"]
 
 
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory: pytest.TempPathFactory):
-    """prepare -> train -> qat -> export run in-process once, on tiny params, for the stage tests."""
+    """prepare -> train -> qat -> export -> export_onnx run in-process once, on tiny params, for
+    the stage tests."""
     from tasks.export import export
+    from tasks.export_onnx import export_onnx
     from tasks.params import parse_params
     from tasks.prepare import prepare
     from tasks.qat import qat
@@ -108,4 +110,5 @@ def tiny_workspace(tmp_path_factory: pytest.TempPathFactory):
     train(params.train, workspace)
     qat(params.qat, workspace)
     export(params.export, workspace)
+    export_onnx(params.export, workspace)
     return workspace, params

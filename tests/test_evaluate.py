@@ -29,6 +29,7 @@ from tasks.contracts import (
 from tasks.errors import DataError
 from tasks.evaluate import evaluate
 from tasks.export import EXPORTERS
+from tasks.export_onnx import onnx_bytes
 from tasks.model import build_model, model_config, save_checkpoint
 from tasks.params import EvaluateParams, ModelParams
 from tasks.scores import calibration, class_scores, confusion_matrix
@@ -65,7 +66,8 @@ def save_export(variant: str, workspace: Workspace, model: torch.nn.Module, x: t
                 meta: ExportedMeta) -> None:
     """The file export would write for `variant`, written by export's own writer for its runtime."""
     entry = VARIANTS[variant]
-    data = EXPORTERS[entry.runtime](model, x, meta.model_copy(update={"variant": variant}))
+    writer = onnx_bytes if entry.runtime == "onnxruntime" else EXPORTERS[entry.runtime]
+    data = writer(model, x, meta.model_copy(update={"variant": variant}))
     write_with(entry.path(workspace), lambda f: f.write(data))
 
 
@@ -111,6 +113,8 @@ def project(tmp_path_factory):
     save_export("fp32_pt2", workspace, model, xt, meta)
     save_export("ptq", workspace, to_int8(model, xt[:8]), xt, int8_meta)
     save_export("int8", workspace, to_int8(model, xt), xt, int8_meta)
+    save_export("fp32_onnx", workspace, model, xt, meta)
+    save_export("int8_onnx", workspace, to_int8(model, xt), xt, int8_meta)
     workspace.metrics("export").parent.mkdir(parents=True, exist_ok=True)
     workspace.metrics("export").write_text(json.dumps(
         {"gate": {"accuracy_drop": 0.0, "max_accuracy_drop": 0.5, "passed": True}}))

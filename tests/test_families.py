@@ -1,4 +1,4 @@
-"""Every model family through train -> qat -> export -> evaluate, in-process, on a tiny easy
+"""Every model family through train -> qat -> export -> export_onnx -> evaluate, in-process, on a tiny easy
 dataset written straight in the prepared format (prepare is tested on its own): it must learn,
 convert to real int8 kernels, pass export's parity check and get evaluate's figures."""
 
@@ -11,6 +11,7 @@ import torch
 from tasks.contracts import Normalization, PreparedMeta, prepared_meta_text
 from tasks.evaluate import evaluate
 from tasks.export import export
+from tasks.export_onnx import export_onnx
 from tasks.params import parse_params
 from tasks.qat import qat
 from tasks.train import train
@@ -97,10 +98,12 @@ def test_family_runs_the_whole_pipeline(tmp_path, monkeypatch, layout, make, fam
     train(params.train, project)
     qat(params.qat, project)
     report = export(params.export, project)
+    onnx_report = export_onnx(params.export, project)
     metrics = evaluate(params.evaluate, project)
 
     assert torch.load(project.train_model, weights_only=True)["config"]["family"] == expected
     assert all(r["passed"] for r in report.values()), report  # in a fresh interpreter
+    assert all(r["passed"] for r in onnx_report.values()), onnx_report  # ONNX Runtime, likewise
     assert metrics["fp32"]["accuracy"] >= 0.9 and metrics["int8"]["accuracy"] >= 0.9, metrics
     assert metrics["int8"]["size_bytes"] < metrics["fp32_ts"]["size_bytes"]
     torch.backends.quantized.engine = params.qat.backend

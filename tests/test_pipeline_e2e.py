@@ -78,7 +78,7 @@ def test_changed_params_rerun_exactly_the_downstream_stages(project):
     assert stages_run(dvc("repro", cwd=root, env=env)) == ["evaluate"]
     params["train"]["epochs"] = 2
     write_params(root / "params.yaml", params)
-    assert stages_run(dvc("repro", cwd=root, env=env)) == ["train", "qat", "export", "evaluate"]
+    assert stages_run(dvc("repro", cwd=root, env=env)) == ["train", "qat", "export", "export_onnx", "evaluate"]
 
 
 def test_dvc_experiment_run_and_show(project):
