@@ -15,14 +15,19 @@ from dvc.repo import Repo
 from ruamel.yaml import YAML
 
 from flows.options import apply_overrides
+from tasks.errors import QatflowError
 from tasks.atomic import write_text
 
 # DVC logs through its own handler, as on the command line; propagating too would print every
 # line twice under Prefect, which also handles the root logger.
 logging.getLogger("dvc").propagate = False
 
-__all__ = ["LockError", "StageNode", "pipeline_stages", "reproduce_stage", "save_experiment",
-           "set_params"]
+__all__ = ["LockError", "PushError", "StageNode", "check_push", "pipeline_stages", "push_results", "reproduce_stage",
+           "save_experiment", "set_params"]
+
+
+class PushError(QatflowError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -85,3 +90,50 @@ def save_experiment(root: Path, name: str | None) -> str | None:
         if rev is None:
             return None
         return repo.experiments.get_exact_name([rev]).get(rev) or name
+
+
+def _dvc_remote(repo: Repo) -> str:
+    """The default DVC remote, as `name (url)`, for messages."""
+    name = repo.config["core"].get("remote")
+    if not name:
+        return "no default DVC remote (dvc remote add -d NAME URL)"
+    return f"DVC remote {name!r} ({repo.config['remote'].get(name, {}).get('url', '?')})"
+
+
+def check_push(root: Path) -> None:
+    """Refuse a --push run before it trains when there is nowhere to push the outputs to."""
+    with Repo(str(root)) as repo:
+        if not repo.config["core"].get("remote"):
+            raise PushError(f"--push needs a default DVC remote in {root}: "
+                            "dvc remote add -d NAME URL (README: Scaling out)")
+
+
+def push_results(root: Path, git_remote: str, experiment: str | None) -> str:
+    """Share a run: `dvc exp push GIT_REMOTE EXPERIMENT` (the experiment's git ref to the git
+    remote, its cached outputs to the default DVC remote); without an experiment, `dvc push` (the
+    workspace's cached outputs only). Returns what was pushed where; raises PushError naming both
+    remotes. Nothing in the workspace changes either way."""
+    with Repo(str(root)) as repo:
+        where = _dvc_remote(repo)
+        try:
+            if experiment is None:
+                pushed = repo.push()
+                return f"{pushed} file(s) to {where}"
+            result = repo.experiments.push(git_remote, [experiment], push_cache=True)
+        except Exception as exc:  # DVC and git raise many kinds; the remote is what users act on
+            cause = exc.__cause__ or exc
+            if experiment is None:
+                what, again = where, "dvc push"
+            else:
+                what = f"experiment {experiment!r} to git remote {git_remote!r} and {where}"
+                again = f"dvc exp push {git_remote} {experiment}"
+            raise PushError(
+                f"push failed: {what}: {type(cause).__name__}: {cause}. The run's results are kept "
+                f"in the workspace; push them again with `{again}`"
+            ) from exc
+        refused = {status: refs for status, refs in result.items()
+                   if status not in ("success", "up_to_date", "uploaded", "url") and refs}
+        if refused:
+            raise PushError(f"push failed: git remote {git_remote!r} refused experiment {experiment!r} "
+                            f"({refused}); the run's results are kept in the workspace")
+        return f"experiment {experiment!r} to git remote {git_remote!r}, {result['uploaded']} file(s) to {where}"

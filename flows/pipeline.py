@@ -2,7 +2,11 @@
 what is stale. A run leaves the workspace exactly as `dvc repro` would (same outputs, same
 dvc.lock) and is saved as a DVC experiment named after the flow run.
 
-    python -m flows.pipeline [--set train.epochs=3 ...] [--no-experiment]
+    python -m flows.pipeline [--set train.epochs=3 ...] [--no-experiment] [--push [--git-remote NAME]]
+
+--push shares the run once it succeeded: the experiment's git ref to the git remote and its cached
+outputs to the default DVC remote (`dvc exp push`), so a scheduled run on one machine is an
+experiment everyone can `dvc exp pull` and `dvc exp apply`.
 """
 
 from __future__ import annotations
@@ -119,18 +123,24 @@ def pipeline(
     save_experiment: bool = True,
     project_dir: str = ".",
     lock_timeout: float = 3600.0,
+    push: bool = False,
+    git_remote: str = "origin",
 ) -> dict:
     """Run prepare -> train -> qat -> export -> evaluate as `dvc repro` would, then save the result
     as a DVC experiment named after this flow run.
 
     overrides: params.yaml keys to change first, e.g. {"train.epochs": 3}; validated before
     anything runs. lock_timeout: seconds to wait for another run in the same workspace.
+    push: after a successful run, `dvc exp push GIT_REMOTE EXPERIMENT` (git ref + cached outputs to
+    the default DVC remote); with save_experiment off, `dvc push` of the outputs only.
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     params_file = root / "params.yaml"
     overrides = overrides or {}
     check_overrides(params_file, overrides)
+    if push:
+        dvcrepo.check_push(root)
 
     # DVC resolves stage names and paths against the working directory.
     with contextlib.chdir(root), workspace_lock(root, lock_timeout):
@@ -166,6 +176,10 @@ def pipeline(
         if save_experiment:
             summary["experiment"] = dvcrepo.save_experiment(root, run_name)
             logger.info("saved DVC experiment %s (dvc exp show)", summary["experiment"])
+        if push:
+            # A failed push fails the run, naming the remote; the results stay in the workspace.
+            summary["pushed"] = dvcrepo.push_results(root, git_remote, summary.get("experiment"))
+            logger.info("pushed %s", summary["pushed"])
     return summary
 
 
@@ -202,11 +216,16 @@ def main() -> None:
                         help="override a params.yaml key for this run (repeatable)")
     parser.add_argument("--no-experiment", action="store_true", help="do not save a DVC experiment")
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: %(default)s)")
+    parser.add_argument("--push", action="store_true",
+                        help="after the run, push the experiment (dvc exp push) to --git-remote and "
+                        "its outputs to the default DVC remote")
+    parser.add_argument("--git-remote", default="origin", help="git remote for --push (default: %(default)s)")
     args = parser.parse_args()
     silence_torch_deprecations()
     start_temporary_server()
     state = pipeline(overrides=parse_key_values(args.set, "--set"), save_experiment=not args.no_experiment,
-                     project_dir=args.project_dir, return_state=True)
+                     project_dir=args.project_dir, push=args.push, git_remote=args.git_remote,
+                     return_state=True)
     if not state.is_completed():
         sys.exit(f"pipeline: {state.message}")
 

@@ -19,7 +19,7 @@ from flows.pipeline import check_overrides, pipeline, workspace_lock
 from tasks.errors import ParamsError
 from tasks.variants import VARIANTS
 
-from conftest import STAGES, TIMING_OUTPUTS, dvc, init_tiny_project, locked_outputs
+from conftest import STAGES, TIMING_OUTPUTS, dvc, init_tiny_project, locked_outputs, run
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +76,7 @@ def test_flow_publishes_summary_and_metrics_table(project):
     assert table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [row["variant"] for row in rows] == [v.label for v in VARIANTS.values()]
-    assert "**Stages run**: prepare, train, qat, export, evaluate" in by_key["qatflow-summary"].data
+    assert "**Stages run**: prepare, train, qat, export, export_onnx, evaluate" in by_key["qatflow-summary"].data
 
 
 def test_flow_run_is_saved_as_dvc_experiment(project):
@@ -110,7 +110,7 @@ def test_override_reruns_exactly_the_downstream_stages(project):
     root, env, _ = project
     state = pipeline(overrides={"train.epochs": 1}, save_experiment=False, project_dir=str(root),
                      return_state=True)
-    assert state.result()["stages_run"] == ["train", "qat", "export", "evaluate"]
+    assert state.result()["stages_run"] == ["train", "qat", "export", "export_onnx", "evaluate"]
     assert yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"] == 1
     assert json.loads(dvc("status", "--json", cwd=root, env=env)) == {}
 
@@ -152,4 +152,35 @@ def test_a_second_run_on_a_busy_workspace_fails_at_once_saying_why(project):
     with workspace_lock(root, timeout_s=0):
         state = pipeline(project_dir=str(root), lock_timeout=0, return_state=True)
     assert state.is_failed() and "is busy: a pipeline run" in state.message
+    assert (root / "dvc.lock").read_bytes() == before
+
+
+def test_push_shares_the_run_as_an_experiment_on_the_git_remote(project, tmp_path):
+    root, env, _ = project
+    origin = tmp_path / "origin.git"
+    run("git", "init", "-q", "--bare", str(origin), cwd=tmp_path, env=env)
+    run("git", "remote", "add", "origin", str(origin), cwd=root, env=env)
+    run("git", "push", "-q", "origin", "HEAD", cwd=root, env=env)
+    dvc("remote", "add", "--local", "-d", "storage", str(tmp_path / "dvc-storage"), cwd=root, env=env)
+    try:
+        state = pipeline(project_dir=str(root), push=True, return_state=True)
+        name = state.result()["experiment"]
+        assert "refs/exps/" in run("git", "ls-remote", str(origin), cwd=tmp_path, env=env)
+        assert name in dvc("exp", "list", "origin", cwd=root, env=env)
+        assert any((tmp_path / "dvc-storage").rglob("*")), "no outputs reached the DVC remote"
+
+        before = (root / "dvc.lock").read_bytes()
+        state = pipeline(project_dir=str(root), push=True, git_remote="nowhere", return_state=True)
+        assert state.is_failed() and "git remote 'nowhere'" in state.message, state.message
+        assert (root / "dvc.lock").read_bytes() == before
+    finally:
+        dvc("remote", "remove", "--local", "storage", cwd=root, env=env)
+        run("git", "remote", "remove", "origin", cwd=root, env=env)
+
+
+def test_push_without_a_dvc_remote_fails_before_anything_runs(project):
+    root, _, _ = project
+    before = (root / "dvc.lock").read_bytes()
+    state = pipeline(project_dir=str(root), push=True, return_state=True)
+    assert state.is_failed() and "needs a default DVC remote" in state.message
     assert (root / "dvc.lock").read_bytes() == before
