@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -39,10 +37,11 @@ from tasks.cli import run_stage
 from tasks.contracts import ExportedMeta, exported_meta_text, read_prepared_meta
 from tasks.deployed import ONNX_META_KEY
 from tasks.errors import GateFailed
+from tasks.export import parity, run_isolated
 from tasks.model import load_checkpoint
 from tasks.params import ExportParams, load_params
 from tasks.quantize import load_int8
-from tasks.variants import ONNX_EXPORTED, VARIANTS, Variant
+from tasks.variants import ONNX_EXPORTED, VARIANTS
 from tasks.workspace import Workspace, project_workspace
 
 PARITY_SCRIPT = Path(__file__).with_name("onnx_parity_check.py")
@@ -106,37 +105,6 @@ def onnx_bytes(module: torch.nn.Module, example: torch.Tensor, meta: ExportedMet
     return model.SerializeToString(deterministic=True)
 
 
-def run_isolated(model_paths: list[Path], inputs_path: Path, workdir: Path) -> dict[str, np.ndarray]:
-    """Each model's logits on the inputs (by file name), from one fresh `python -I` process."""
-    run = subprocess.run(
-        [sys.executable, "-I", str(PARITY_SCRIPT), str(inputs_path), str(workdir), *map(str, model_paths)],
-        cwd=workdir, capture_output=True, text=True,
-    )
-    if run.returncode != 0:
-        raise GateFailed(f"an ONNX model does not load or run in ONNX Runtime outside qatflow "
-                         f"(exit {run.returncode}):\n" + run.stderr.strip()[-2000:])
-    logits = {}
-    for path in model_paths:
-        with np.load(workdir / f"{path.name}.logits.npz", allow_pickle=False) as data:
-            logits[path.name] = data["logits"]
-    return logits
-
-
-def parity(variant: Variant, reference: np.ndarray, loaded: np.ndarray, params: ExportParams) -> dict:
-    result = {
-        "against": VARIANTS[variant.parity_with].file,
-        "max_abs_diff": round(float(np.abs(loaded - reference).max()), 8),
-        "argmax_agreement": round(float((loaded.argmax(1) == reference.argmax(1)).mean()), 6),
-    }
-    if variant.precision == "fp32":
-        tol = params.fp32_tolerance
-        result["allclose"] = bool(np.allclose(loaded, reference, rtol=tol, atol=tol))
-        result["passed"] = result["allclose"]
-    else:
-        result["passed"] = result["argmax_agreement"] >= params.int8_min_agreement
-    return result
-
-
 def export_onnx(params: ExportParams, workspace: Workspace) -> dict:
     qat_state = workspace.qat_dir / "qat_state.pt"
     references = {name: VARIANTS[v.parity_with].path(workspace) for name, v in ONNX_EXPORTED.items()}
@@ -166,10 +134,11 @@ def export_onnx(params: ExportParams, workspace: Workspace) -> dict:
             payloads[name] = onnx_bytes(module, x, meta)
             (workdir / Path(variant.file).name).write_bytes(payloads[name])
         files = [workdir / Path(v.file).name for v in ONNX_EXPORTED.values()]
-        loaded = run_isolated([*files, *references.values()], inputs, workdir)
+        loaded = run_isolated([*files, *references.values()], inputs, workdir, PARITY_SCRIPT)
         for name, variant in ONNX_EXPORTED.items():
-            report[name] = parity(variant, loaded[references[name].name],
-                                  loaded[Path(variant.file).name], params)
+            report[name] = {"against": VARIANTS[variant.parity_with].file,
+                            **parity(variant, loaded[references[name].name],
+                                     loaded[Path(variant.file).name], params)}
             report[name]["size_bytes"] = len(payloads[name])
             report[name]["sha256"] = hashlib.sha256(payloads[name]).hexdigest()
 
