@@ -56,7 +56,12 @@ BATCH_SIZES = [1, 64]
 CPP = {f"cpp_{name}": (name, f"C++ {Path(v.file).name}") for name, v in VARIANTS.items()
        if v.runtime == "torchscript"}
 TARGETS = {"int8_vs_fp32ts_bs1": (2.0, "min"), "int8_vs_fp32ts_bs64": (3.0, "min"), "size_ratio": (3.7, "min"),
-           "accuracy_drop_pp": (0.3, "max"), "train_overhead": (1.10, "max"), "noop_repro_s": (1.5, "max")}
+           "accuracy_drop_pp": (0.3, "max"), "train_overhead": (1.10, "max"), "noop_repro_s": (1.5, "max"),
+           "onnx_int8_vs_ts_int8_bs64": (1.0, "min"), "onnx_size_ratio": (3.7, "min"),
+           "onnx_accuracy_drop_pp": (0.3, "max"), "pte_size_ratio": (3.7, "min"), "pte_accuracy_drop_pp": (0.3, "max")}
+# The other int8 files and the fp32 file each is measured against: ONNX's own fp32, and for the
+# ExecuTorch program the fp32 torch.export program (the format it is lowered from; no fp32 .pte).
+EDGE = {"onnx": ("int8_onnx", "fp32_onnx"), "pte": ("int8_pte", "fp32_pt2")}
 
 
 def load_variants(workspace: Workspace) -> tuple[dict, torch.Tensor, np.ndarray]:
@@ -254,7 +259,12 @@ def benchmark(root: Path, out: Path, runner: Path, threads: list[int], quick: bo
         # From counts, as evaluate does, so one test image is exactly 100/n pp.
         "accuracy_drop_pp": round(100 * (correct[REFERENCE] - correct[DEPLOYED]) / len(y), 4),
         "train_overhead": overhead and overhead["ratio"], "noop_repro_s": repro_s,
+        "onnx_int8_vs_ts_int8_bs64": round(latency[DEPLOYED][at]["batch_64"]["median_ms"]
+                                           / latency["int8_onnx"][at]["batch_64"]["median_ms"], 3),
     }
+    for prefix, (int8, fp32) in EDGE.items():
+        figures[f"{prefix}_size_ratio"] = round(variants[fp32]["size_bytes"] / variants[int8]["size_bytes"], 3)
+        figures[f"{prefix}_accuracy_drop_pp"] = round(100 * (correct[REFERENCE] - correct[int8]) / len(y), 4)
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
         "torch_version": torch.__version__, "threads": threads, "ratio_threads": max(threads),
@@ -304,7 +314,8 @@ def print_table(r: dict) -> None:
                   + ("C++ runs fp32.pt as saved (no optimize_for_inference)." if r["cpp"] else
                      "No C++ figures: runner not built (`make cpp`) or failed."))
     targets = Table("figure", "value", "target", "result", title="targets", box=box.SIMPLE_HEAD,
-                    caption=f"speedups: fp32 TS + optimize / int8 QAT, at {r['ratio_threads']} threads")
+                    caption=f"speedups: fp32 TS + optimize / int8 QAT, and int8 TS / int8 ONNX, at "
+                            f"{r['ratio_threads']} threads; onnx/pte size ratios against fp32.onnx/fp32.pt2")
     for k, t in r["targets"].items():
         result = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "not measured"}[t["passed"]]
         targets.add_row(k, "-" if t["value"] is None else f"{t['value']:g}", t["target"], result)

@@ -1,6 +1,7 @@
 """Loading an exported model the way a deployment must: metadata first, then the quantized engine,
 then the weights (int8 weights are packed for whichever engine is active when the file is read).
-An .onnx file (export_onnx) runs in ONNX Runtime instead, behind the same torch-tensor call."""
+An .onnx file (export_onnx) runs in ONNX Runtime instead, and a .pte file (export_executorch) in
+ExecuTorch's runtime, each behind the same torch-tensor call."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from tasks.contracts import ExportedMeta, parse_json, read_exported_meta
 from tasks.errors import DataError
 
 ONNX_META_KEY = "qatflow.meta"  # metadata_props key of the ExportedMeta JSON in an .onnx file
+# A .pte has no free-form metadata; the ExportedMeta JSON is what this constant method returns.
+PTE_META_METHOD = "qatflow_meta"
+# ExecuTorch plans a program's memory for its largest batch; export_executorch plans for this many.
+PTE_MAX_BATCH = 256
 
 
 def load_deployed(path: Path, data: bytes | None = None) -> tuple[torch.nn.Module | OnnxModel, ExportedMeta]:
@@ -27,6 +32,8 @@ def load_deployed(path: Path, data: bytes | None = None) -> tuple[torch.nn.Modul
         raise DataError(f"{path}: model file not found")
     if path.suffix == ".onnx":
         return load_onnx(path, data)
+    if path.suffix == ".pte":
+        return load_pte(path, data)
     meta = read_exported_meta(path, data)
     if meta.backend:  # process-global, like the engine choice in any deployment
         torch.backends.quantized.engine = meta.backend
@@ -74,8 +81,13 @@ def _first_line(exc: BaseException, limit: int = 120) -> str:
 
 def read_meta(path: Path, data: bytes | None = None) -> ExportedMeta:
     """The ExportedMeta a model file carries, without loading the model: meta.json of a
-    TorchScript/torch.export archive, or the "qatflow.meta" metadata_props of an .onnx file."""
-    return read_onnx_meta(path, data) if path.suffix == ".onnx" else read_exported_meta(path, data)
+    TorchScript/torch.export archive, the "qatflow.meta" metadata_props of an .onnx file, or what
+    the qatflow_meta method of a .pte returns."""
+    if path.suffix == ".onnx":
+        return read_onnx_meta(path, data)
+    if path.suffix == ".pte":
+        return _open_pte(path, data)[1]
+    return read_exported_meta(path, data)
 
 
 def read_onnx_meta(path: Path, data: bytes | None = None) -> ExportedMeta:
@@ -133,3 +145,49 @@ def load_onnx(path: Path, data: bytes | None = None) -> tuple[OnnxModel, Exporte
         raise DataError(f"{path}: has qatflow metadata but ONNX Runtime cannot load it "
                         f"({_first_line(exc)}); re-run export_onnx (dvc repro)") from None
     return OnnxModel(session), meta
+
+
+class PteModel:
+    """An ExecuTorch program's forward method called like a torch model."""
+
+    def __init__(self, program) -> None:
+        # The method runs on memory the program owns: it must live as long as the method does.
+        self.program = program
+        self.method = program.load_method("forward")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        if len(x) <= PTE_MAX_BATCH:
+            return self.method.execute([x.contiguous()])[0]
+        return torch.cat([self.method.execute([x[i : i + PTE_MAX_BATCH].contiguous()])[0]
+                          for i in range(0, len(x), PTE_MAX_BATCH)])
+
+
+def _open_pte(path: Path, data: bytes | None):
+    """The ExecuTorch program in `path` (or `data`) and the ExportedMeta it returns."""
+    from executorch.runtime import Runtime
+
+    source = data if data is not None else path.read_bytes()
+    try:
+        program = Runtime.get().load_program(source)
+        if PTE_META_METHOD not in program.method_names:
+            raise DataError(f"{path}: no {PTE_META_METHOD} method inside; not an ExecuTorch program "
+                            "qatflow exported; re-run export_executorch (dvc repro)")
+        meta_text = program.load_method(PTE_META_METHOD).execute([])[0]
+    except RuntimeError as exc:  # the runtime's verification of a damaged or truncated file
+        raise DataError(f"{path}: not an ExecuTorch program qatflow exported (damaged or truncated: "
+                        f"{_first_line(exc)}); re-run export_executorch (dvc repro)") from None
+    return program, parse_json(ExportedMeta, meta_text, f"{path}: {PTE_META_METHOD}",
+                               "re-run export_executorch (dvc repro)")
+
+
+def load_pte(path: Path, data: bytes | None = None) -> tuple[PteModel, ExportedMeta]:
+    """A .pte file in ExecuTorch's runtime (XNNPACK kernels on CPU), with as many threads as torch
+    uses now, and the ExportedMeta it carries."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    program, meta = _open_pte(path, data)
+    # XNNPACK's thread pool is process-wide; evaluate's and the bench's thread setting applies to
+    # it as it does to torch and ONNX Runtime.
+    _unsafe_reset_threadpool(torch.get_num_threads())
+    return PteModel(program), meta

@@ -31,7 +31,7 @@ from tasks.atomic import staged_outputs
 from tasks.cli import run_stage
 from tasks.contracts import ExportedMeta, exported_meta_text, read_prepared_meta
 from tasks.errors import GateFailed
-from tasks.inference import predict_logits
+from tasks.inference import Model, predict_logits
 from tasks.model import load_checkpoint
 from tasks.params import ExportParams, load_params
 from tasks.quantize import load_int8
@@ -174,7 +174,8 @@ def export(params: ExportParams, workspace: Workspace) -> dict:
             for name, r in failed.items()
         )
         raise GateFailed(f"parity check failed ({details}); previous models left in place")
-    report["gate"] = accuracy_gate(eager[REFERENCE][0], payloads[DEPLOYED], x_test, y_test, params)
+    int8 = torch.jit.load(io.BytesIO(payloads[DEPLOYED]), map_location="cpu")
+    report["gate"] = accuracy_gate(eager[REFERENCE][0], int8, x_test, y_test, params)
 
     with staged_outputs() as out:
         for name, variant in EXPORTED.items():
@@ -187,18 +188,17 @@ def export(params: ExportParams, workspace: Workspace) -> dict:
     return report
 
 
-def accuracy_gate(fp32: torch.nn.Module, int8_file: bytes, x: torch.Tensor, y: torch.Tensor,
-                  params: ExportParams) -> dict:
-    """Test accuracy of the eager fp32 model against the int8 file about to be published, as
-    evaluate will measure them; GateFailed if int8 loses more than the limit."""
-    int8 = torch.jit.load(io.BytesIO(int8_file), map_location="cpu")
+def accuracy_gate(fp32: torch.nn.Module, int8: Model, x: torch.Tensor, y: torch.Tensor,
+                  params: ExportParams, what: str = "int8") -> dict:
+    """Test accuracy of the eager fp32 model against the int8 file about to be published (loaded
+    from its bytes), as evaluate will measure them; GateFailed if int8 loses more than the limit."""
     fp32_correct = int((predict_logits(fp32.eval(), x).argmax(1) == y).sum())
     int8_correct = int((predict_logits(int8, x).argmax(1) == y).sum())
     # From counts, so that a drop of exactly the limit compares equal to it.
     drop = round(100 * (fp32_correct - int8_correct) / len(y), 4)
     if drop > params.max_accuracy_drop:
         raise GateFailed(
-            f"int8 test accuracy is {drop:g} pp below fp32 ({int8_correct / len(y):.2%} vs "
+            f"{what} test accuracy is {drop:g} pp below fp32 ({int8_correct / len(y):.2%} vs "
             f"{fp32_correct / len(y):.2%}), over export.max_accuracy_drop = "
             f"{params.max_accuracy_drop:g} pp; previous models and metrics left in place"
         )

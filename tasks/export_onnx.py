@@ -11,7 +11,7 @@ TorchScript file fails ("Quantized weight value not found"), and so do the refer
 prepared (fake-quant) models. fp32 goes the same way, which needs no onnxscript and gives the same
 bytes for the same weights (DVC hashes them).
 
-A fresh `python -I` process that never imports qatflow (tasks/onnx_parity_check.py) runs every
+A fresh `python -I` process that never imports qatflow (tasks/runtime_parity_check.py) runs every
 .onnx with ONNX Runtime and the TorchScript files export published with torch: fp32 must match
 models/fp32.pt within export.fp32_tolerance, int8 must agree with models/int8.pt's argmax on at
 least export.int8_min_agreement of the samples. The files and metrics/export_onnx.json (each file's
@@ -44,7 +44,7 @@ from tasks.quantize import load_int8
 from tasks.variants import ONNX_EXPORTED, VARIANTS
 from tasks.workspace import Workspace, project_workspace
 
-PARITY_SCRIPT = Path(__file__).with_name("onnx_parity_check.py")
+PARITY_SCRIPT = Path(__file__).with_name("runtime_parity_check.py")
 OPSET = 17
 
 

@@ -61,6 +61,16 @@ def load_stage_inputs(workspace: Workspace) -> StageInputs:
     return StageInputs(meta, load_split(workspace.prepared, "train"), load_split(workspace.prepared, "val"))
 
 
+def fine_tuning(model: nn.Module, lr: float, epochs: int, batch_size: int, samples: int,
+                generator: torch.Generator) -> TrainingState:
+    """The QAT recipe's optimizer and schedule, one for both engines (qat, qat_pt2e): SGD with
+    momentum at a low LR, cosine-annealed to zero over every step of every epoch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    steps = epochs * -(-samples // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    return TrainingState(model, optimizer, scheduler, generator)
+
+
 def seed_everything(seed: int, threads: int) -> torch.Generator:
     """Same seed + threads => bitwise-identical weights (changing the thread count changes them)."""
     torch.manual_seed(seed)

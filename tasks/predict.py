@@ -2,8 +2,9 @@
 (also installed as `qatflow-predict`).
 
 MODEL is models/int8.pt, models/fp32.pt or models/fp32.pt2, loaded with torch alone (no qatflow
-model code), or models/int8.onnx or models/fp32.onnx, run by ONNX Runtime (the runtime follows the
-extension): its embedded metadata (meta.json, or the .onnx file's "qatflow.meta") says the input
+model code), models/int8.onnx or models/fp32.onnx, run by ONNX Runtime, or models/int8.pte, run by
+ExecuTorch (the runtime follows the extension): its embedded metadata (meta.json, the .onnx file's
+"qatflow.meta", the .pte's qatflow_meta method) says the input
 shape, the normalization and the class names. INPUT is an .npz (array `x`) or .npy, a CSV (a header
 row; a `label` column, if any, is ignored), or, for image models, an image file or a folder of
 images. Samples are shaped as prepare shaped the training data: vectors [F] take rows of any shape
@@ -12,7 +13,8 @@ with F values, sequences [C, L] take (N, L) when C is 1 or flat rows of C * L va
 probabilities) as JSON lines, or CSV when FILE ends in .csv; to stdout without --out.
 
 MODEL must be a file export wrote: its sha256 must be listed in metrics/export.json of its project
-(MODEL/../../metrics/export.json; metrics/export_onnx.json for an .onnx file; or --manifest),
+(MODEL/../../metrics/export.json; metrics/export_onnx.json for an .onnx file,
+metrics/export_executorch.json for a .pte; or --manifest),
 since loading TorchScript runs code from the file; --trust skips that check. Its output width
 must match its class names. Array inputs are checked from their NPY header (shape, dtype, size)
 before any data is read, then streamed in chunks: memory stays bounded by the chunk size, whatever
@@ -54,14 +56,14 @@ from tasks.readers import (
 
 PROGRESS_FROM = 10_000  # samples; below this a bar only flickers
 MANIFEST = Path("metrics") / "export.json"  # export's report: the sha256 of every file it wrote
-ONNX_MANIFEST = Path("metrics") / "export_onnx.json"  # export_onnx's, for the .onnx files
+# The reports of the other exporters, by the extension of the files they write.
+MANIFESTS = {".onnx": Path("metrics") / "export_onnx.json", ".pte": Path("metrics") / "export_executorch.json"}
 
 
 def default_manifest(model_path: Path) -> Path:
     """metrics/export.json of the project the model lies in (models/<file> -> models/..).
     Not resolved: DVC may link models/ into its cache, and the cache has no metrics/ beside it."""
-    return Path(os.path.abspath(model_path)).parent.parent / (
-        ONNX_MANIFEST if model_path.suffix == ".onnx" else MANIFEST)
+    return Path(os.path.abspath(model_path)).parent.parent / MANIFESTS.get(model_path.suffix, MANIFEST)
 
 
 def verify_exported(model_path: Path, data: bytes, manifest: Path | None) -> None:
@@ -232,15 +234,17 @@ def predict(model_path: Path, input_path: Path, out: Path | None = None, batch_s
 
 
 def _arguments(parser) -> None:
-    parser.add_argument("model", type=Path, help="models/int8.pt, models/fp32.pt, models/fp32.pt2, or "
-                                                 "models/int8.onnx, models/fp32.onnx (ONNX Runtime)")
+    parser.add_argument("model", type=Path, help="models/int8.pt, models/fp32.pt, models/fp32.pt2, "
+                                                 "models/int8.onnx, models/fp32.onnx (ONNX Runtime), or "
+                                                 "models/int8.pte (ExecuTorch)")
     parser.add_argument("input", type=Path, help=".npz/.npy, .csv, an image, or a folder of images")
     parser.add_argument("--out", type=Path, help="write here (.csv: CSV, else JSON lines)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--manifest", type=Path,
                         help="export's report listing the sha256 of the files it wrote (default: "
                              "metrics/export.json beside MODEL's folder, i.e. MODEL/../../metrics; "
-                             "metrics/export_onnx.json there for an .onnx MODEL)")
+                             "metrics/export_onnx.json there for an .onnx MODEL, "
+                             "metrics/export_executorch.json for a .pte)")
     parser.add_argument("--trust", action="store_true",
                         help="load MODEL even if the manifest does not list it. Loading a model "
                              "file runs code from it: use only with files you trust")

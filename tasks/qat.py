@@ -19,11 +19,12 @@ from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import disable_observer
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.checkpoint import Checkpointing, TrainingState, fingerprint
+from tasks.checkpoint import Checkpointing, fingerprint
 from tasks.cli import run_stage
 from tasks.inference import predict_logits
 from tasks.loop import (
     FitConfig,
+    fine_tuning,
     fit,
     load_stage_inputs,
     log_run_summary,
@@ -61,10 +62,7 @@ def qat(params: QatParams, workspace: Workspace) -> dict:
     calibrate(ptq, calibration, params.ptq_calibration_batches, params.batch_size)
 
     model = prepare(copy.deepcopy(fp32), "qat", params.backend, example)
-    optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=0.9)
-    steps = params.epochs * -(-len(train_set.y) // params.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    training = TrainingState(model, optimizer, scheduler, generator)
+    training = fine_tuning(model, params.lr, params.epochs, params.batch_size, len(train_set.y), generator)
     resumable = Checkpointing(workspace.qat_checkpoint, fingerprint("qat", params, workspace.root))
     fit_config = FitConfig("qat", params.epochs, params.batch_size,
                            label_smoothing=params.label_smoothing)

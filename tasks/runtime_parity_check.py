@@ -1,14 +1,17 @@
-"""Run ONNX models with ONNX Runtime, and the TorchScript files they are checked against with torch,
-the way a deployment would: in a fresh interpreter that knows nothing of qatflow, normalizing raw
-inputs from each file's own metadata.
+"""Run model files in the runtimes they are deployed to (ONNX models with ONNX Runtime, ExecuTorch
+programs with ExecuTorch's runtime) and the files they are checked against with torch, the way a
+deployment would: in a fresh interpreter that knows nothing of qatflow, normalizing raw inputs from
+each file's own metadata.
 
-    python -I tasks/onnx_parity_check.py INPUTS.npz OUTDIR MODEL [MODEL ...]
+    python -I tasks/runtime_parity_check.py INPUTS.npz OUTDIR MODEL [MODEL ...]
 
-MODEL is an .onnx file (its metadata_props key "qatflow.meta" holds the ExportedMeta JSON) or a
-TorchScript .pt (its extra file meta.json). INPUTS.npz holds `x_raw` (source values);
-OUTDIR/<model file name>.logits.npz receives each model's `logits`. export_onnx.py runs this with
-`python -I`, so it must stay self-contained: no import from this project.
+MODEL is an .onnx file (its metadata_props key "qatflow.meta" holds the ExportedMeta JSON), a .pte
+(its method qatflow_meta returns it) or a TorchScript .pt (its extra file meta.json). INPUTS.npz holds `x_raw` (source values); OUTDIR/<model file name>.logits.npz receives each model's
+`logits`. export_onnx.py and export_executorch.py run this with `python -I`, so it must stay
+self-contained: no import from this project.
 """
+
+import os
 
 import json
 import sys
@@ -18,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 META_KEY = "qatflow.meta"
+PTE_META_METHOD = "qatflow_meta"
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CUDA-only kernels, and noise
 
 
 def normalized(x_raw: np.ndarray, meta: dict) -> np.ndarray:
@@ -41,6 +46,17 @@ def run_onnx(model_path: str, x_raw: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
 
 
+def run_pte(model_path: str, x_raw: np.ndarray) -> np.ndarray:
+    import torch
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(model_path)
+    meta = json.loads(program.load_method(PTE_META_METHOD).execute([])[0])
+    forward = program.load_method("forward")
+    x = torch.from_numpy(normalized(x_raw, meta))
+    return torch.cat([forward.execute([x[i : i + 256]])[0] for i in range(0, len(x), 256)]).numpy()
+
+
 def run_torchscript(model_path: str, x_raw: np.ndarray) -> np.ndarray:
     import torch
 
@@ -58,10 +74,10 @@ def run_torchscript(model_path: str, x_raw: np.ndarray) -> np.ndarray:
 def main(inputs_path: str, output_dir: str, *model_paths: str) -> None:
     with np.load(inputs_path, allow_pickle=False) as data:
         x_raw = data["x_raw"]
+    runs = {".onnx": run_onnx, ".pte": run_pte}
     for model_path in model_paths:
-        run = run_onnx if model_path.endswith(".onnx") else run_torchscript
         try:
-            logits = run(model_path, x_raw)
+            logits = runs.get(Path(model_path).suffix, run_torchscript)(model_path, x_raw)
         except Exception as exc:
             sys.exit(f"{Path(model_path).name}: {type(exc).__name__}: {exc}")
         np.savez(Path(output_dir) / f"{Path(model_path).name}.logits.npz", logits=logits)

@@ -1,7 +1,7 @@
 """Every model variant qatflow measures, defined once: name, label, file, runtime, how it is loaded.
 
 export writes the entries made from an eager model (`made_from`) as TorchScript or torch.export
-files, export_onnx the ONNX Runtime ones (`made_by`), evaluate and the benchmark score
+files, export_onnx the ONNX Runtime ones and export_executorch the ExecuTorch one (`made_by`), evaluate and the benchmark score
 and time every entry, the flow's report lists them, the figures colour them. A new runtime is one
 entry here plus its exporter in tasks/export.py (EXPORTERS, keyed by runtime).
 """
@@ -22,7 +22,7 @@ from tasks.inference import Model
 from tasks.model import load_checkpoint
 from tasks.workspace import Workspace
 
-Runtime = Literal["pytorch", "torchscript", "torch.export", "onnxruntime"]
+Runtime = Literal["pytorch", "torchscript", "torch.export", "onnxruntime", "executorch"]
 EagerSource = Literal["fp32", "qat", "ptq"]  # the train checkpoint, or qat's prepared models
 
 
@@ -35,6 +35,7 @@ LOADERS: dict[Runtime, Callable[[Path], tuple[Model, ExportedMeta | None]]] = {
     "torchscript": load_deployed,
     "torch.export": load_deployed,
     "onnxruntime": load_deployed,  # by the .onnx extension
+    "executorch": load_deployed,  # by the .pte extension
 }
 
 
@@ -47,7 +48,7 @@ class Variant:
     precision: Literal["fp32", "int8"]  # fp32 files must match their eager model; int8 its argmax
     color: str
     made_from: EagerSource | None = None  # exported from this eager model
-    made_by: Literal["train", "export", "export_onnx"] = "export"  # the stage that writes the file
+    made_by: Literal["train", "export", "export_onnx", "export_executorch"] = "export"  # the stage that writes the file
     parity_with: str | None = None  # export_onnx: the variant whose file it must match
     # What a deployment does after loading and before serving; timings include it. fp32 TorchScript
     # is optimized in memory only: MKLDNN-prepacked weights do not survive torch.jit.save.
@@ -84,9 +85,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             made_from="fp32", made_by="export_onnx", parity_with="fp32_ts"),
     Variant("int8_onnx", "int8 QAT ONNX Runtime", "models/int8.onnx", "onnxruntime", "int8", "tab:pink",
             made_from="qat", made_by="export_onnx", parity_with="int8"),
+    # PT2E QAT (qat_pt2e), not FX: its own fine-tune, checked against its own program.
+    Variant("int8_pte", "int8 PT2E ExecuTorch (XNNPACK)", "models/int8.pte", "executorch", "int8",
+            "tab:purple", made_by="export_executorch"),
 )}
 EXPORTED = {name: v for name, v in VARIANTS.items() if v.made_by == "export"}
 ONNX_EXPORTED = {name: v for name, v in VARIANTS.items() if v.made_by == "export_onnx"}
+EXECUTORCH_EXPORTED = {name: v for name, v in VARIANTS.items() if v.made_by == "export_executorch"}
 
 # The roles the reports compare: accuracy against the eager fp32 model, speed and size against the
 # best fp32 file (optimized TorchScript: the eager ratio would flatter int8), and the deployable.

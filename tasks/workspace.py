@@ -43,6 +43,14 @@ class Workspace:
         """As train_checkpoint, for qat; outside models/qat, which DVC tracks as a whole."""
         return self.root / "models" / "qat_checkpoint.pt"
 
+    @property
+    def qat_pt2e_dir(self) -> Path:
+        return self.root / "models" / "qat_pt2e"
+
+    @property
+    def qat_pt2e_checkpoint(self) -> Path:
+        return self.root / "models" / "qat_pt2e_checkpoint.pt"
+
     def require(self, *paths: Path) -> None:
         """Fail with one clear line when an upstream stage's output is missing."""
         for path in paths:

@@ -87,18 +87,30 @@ def locked_outputs(project: Path) -> dict[str, str]:
 
 # Outputs whose bytes depend on measured time; everything else must reproduce exactly.
 TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency"}
-STAGES = ["prepare", "train", "qat", "export", "export_onnx", "evaluate"]
+STAGES = ["prepare", "train", "qat", "qat_pt2e", "export", "export_onnx", "export_executorch", "evaluate"]
+
+
+@pytest.fixture(scope="session")
+def repro_project(tmp_path_factory):
+    """A tiny project that one real `dvc repro` ran through: (root, env, its output, the hashes of
+    its outputs right after). test_pipeline_e2e goes on to change it; test_flow compares a flow
+    run in another checkout against the hashes."""
+    root = tmp_path_factory.mktemp("project")
+    env = init_tiny_project(root) | {"QATFLOW_RUN_NAME": "e2e"}
+    first = dvc("repro", cwd=root, env=env)
+    return root, env, first, locked_outputs(root)
 
 
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory: pytest.TempPathFactory):
-    """prepare -> train -> qat -> export -> export_onnx run in-process once, on tiny params, for
-    the stage tests."""
+    """Every stage before evaluate run in-process once, on tiny params, for the stage tests."""
     from tasks.export import export
+    from tasks.export_executorch import export_executorch
     from tasks.export_onnx import export_onnx
     from tasks.params import parse_params
     from tasks.prepare import prepare
     from tasks.qat import qat
+    from tasks.qat_pt2e import qat_pt2e
     from tasks.train import train
     from tasks.workspace import Workspace
 
@@ -109,6 +121,8 @@ def tiny_workspace(tmp_path_factory: pytest.TempPathFactory):
     prepare(params.data, params.prepare, workspace)
     train(params.train, workspace)
     qat(params.qat, workspace)
+    qat_pt2e(params.qat, workspace)
     export(params.export, workspace)
     export_onnx(params.export, workspace)
+    export_executorch(params.export, workspace)
     return workspace, params

@@ -25,7 +25,8 @@ print(json.dumps({{"model": args[0], "samples": len(x), "num_classes": 10, "thre
                   "latency_ms": {{f"batch_{{b}}": {{"median": 0.5, "p90": 0.75}}
                                  for b in option("--batch-sizes").split(",")}}}}))
 """
-RATIOS = ["int8_vs_fp32ts_bs1", "int8_vs_fp32ts_bs64", "size_ratio", "accuracy_drop_pp"]
+RATIOS = ["int8_vs_fp32ts_bs1", "int8_vs_fp32ts_bs64", "size_ratio", "accuracy_drop_pp", "onnx_int8_vs_ts_int8_bs64",
+          "onnx_size_ratio", "onnx_accuracy_drop_pp", "pte_size_ratio", "pte_accuracy_drop_pp"]
 
 
 def test_quick_benchmark_on_tiny_workspace(tiny_workspace, tmp_path):

@@ -28,7 +28,9 @@ from tasks.contracts import (
 )
 from tasks.errors import DataError
 from tasks.evaluate import evaluate
+from tasks import pt2e
 from tasks.export import EXPORTERS
+from tasks.export_executorch import pte_bytes
 from tasks.export_onnx import onnx_bytes
 from tasks.model import build_model, model_config, save_checkpoint
 from tasks.params import EvaluateParams, ModelParams
@@ -62,11 +64,23 @@ def to_int8(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     return convert_fx(prepared)
 
 
+def pt2e_int8_pte(model: torch.nn.Module, x: torch.Tensor, meta: ExportedMeta) -> bytes:
+    """What qat_pt2e and export_executorch make of `model`, with observers instead of training."""
+    prepared = pt2e.prepare(copy.deepcopy(model), x)
+    prepared.eval()
+    with torch.no_grad():
+        prepared(x)
+    return pte_bytes(pt2e.convert(prepared, x), x, meta)
+
+
+WRITERS = {**EXPORTERS, "onnxruntime": onnx_bytes, "executorch": pt2e_int8_pte}
+
+
 def save_export(variant: str, workspace: Workspace, model: torch.nn.Module, x: torch.Tensor,
                 meta: ExportedMeta) -> None:
-    """The file export would write for `variant`, written by export's own writer for its runtime."""
+    """The file an exporter would write for `variant`, by its own writer for its runtime."""
     entry = VARIANTS[variant]
-    writer = onnx_bytes if entry.runtime == "onnxruntime" else EXPORTERS[entry.runtime]
+    writer = WRITERS[entry.runtime]
     data = writer(model, x, meta.model_copy(update={"variant": variant}))
     write_with(entry.path(workspace), lambda f: f.write(data))
 
@@ -115,6 +129,7 @@ def project(tmp_path_factory):
     save_export("int8", workspace, to_int8(model, xt), xt, int8_meta)
     save_export("fp32_onnx", workspace, model, xt, meta)
     save_export("int8_onnx", workspace, to_int8(model, xt), xt, int8_meta)
+    save_export("int8_pte", workspace, model, xt, meta)
     workspace.metrics("export").parent.mkdir(parents=True, exist_ok=True)
     workspace.metrics("export").write_text(json.dumps(
         {"gate": {"accuracy_drop": 0.0, "max_accuracy_drop": 0.5, "passed": True}}))

@@ -1,6 +1,7 @@
-"""Every model family through train -> qat -> export -> export_onnx -> evaluate, in-process, on a tiny easy
-dataset written straight in the prepared format (prepare is tested on its own): it must learn,
-convert to real int8 kernels, pass export's parity check and get evaluate's figures."""
+"""Every model family through every stage after prepare (train, both QAT engines, the TorchScript,
+ONNX and ExecuTorch exports, evaluate), in-process, on a tiny easy dataset written straight in the
+prepared format (prepare is tested on its own): it must learn, convert to real int8 kernels, pass
+every exporter's parity check and get evaluate's figures."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 from tasks.contracts import Normalization, PreparedMeta, prepared_meta_text
 from tasks.evaluate import evaluate
 from tasks.export import export
+from tasks.export_executorch import export_executorch
 from tasks.export_onnx import export_onnx
 from tasks.params import parse_params
 from tasks.qat import qat
+from tasks.qat_pt2e import qat_pt2e
 from tasks.train import train
 from tasks.variants import VARIANTS
 from tasks.workspace import Workspace
@@ -97,14 +100,19 @@ def test_family_runs_the_whole_pipeline(tmp_path, monkeypatch, layout, make, fam
 
     train(params.train, project)
     qat(params.qat, project)
+    pt2e_metrics = qat_pt2e(params.qat, project)
     report = export(params.export, project)
     onnx_report = export_onnx(params.export, project)
+    executorch_report = export_executorch(params.export, project)
     metrics = evaluate(params.evaluate, project)
 
     assert torch.load(project.train_model, weights_only=True)["config"]["family"] == expected
     assert all(r["passed"] for r in report.values()), report  # in a fresh interpreter
     assert all(r["passed"] for r in onnx_report.values()), onnx_report  # ONNX Runtime, likewise
+    assert all(r["passed"] for r in executorch_report.values()), executorch_report  # and ExecuTorch
+    assert pt2e_metrics["int8_val_accuracy"] >= 0.9, pt2e_metrics
     assert metrics["fp32"]["accuracy"] >= 0.9 and metrics["int8"]["accuracy"] >= 0.9, metrics
+    assert metrics["int8_pte"]["accuracy"] >= 0.9, metrics
     assert metrics["int8"]["size_bytes"] < metrics["fp32_ts"]["size_bytes"]
     torch.backends.quantized.engine = params.qat.backend
     kinds = {node.kind() for node in torch.jit.load(VARIANTS["int8"].path(project)).graph.nodes()}
