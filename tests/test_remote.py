@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from flows import dvcrepo
-from conftest import TINY_PARAMS, dvc, init_tiny_project, run, write_params
+from conftest import dvc, init_tiny_project, run
 
 pytestmark = pytest.mark.e2e
 
@@ -66,20 +67,19 @@ def s3_endpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """The tiny project, run once with `dvc repro` and committed, with a bare git repo as origin."""
+def source(tmp_path_factory, repro_project):
+    """A copy of the tiny project `dvc repro` has run (outputs, DVC cache and git history, as the
+    end-to-end tests left them), its state committed, with a bare git repo as origin. A copy, not
+    a run of its own: a whole pipeline run costs a minute of the suite, and what is shared here is
+    files, whichever run wrote them."""
     base = tmp_path_factory.mktemp("shared")
     root, origin = base / "source", base / "origin.git"
-    root.mkdir()
-    env = init_tiny_project(root) | {"QATFLOW_RUN_NAME": "remote"}
-    # What is shared is files, not accuracy: the smallest run that writes every output.
-    params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "max_samples": 400},
-              "train": {**TINY_PARAMS["train"], "epochs": 1}, "qat": {**TINY_PARAMS["qat"], "epochs": 1}}
-    write_params(root / "params.yaml", params)
-    run("git", "commit", "-q", "-am", "smallest params", cwd=root, env=env)
-    dvc("repro", cwd=root, env=env)
+    reference, env, _, _ = repro_project
+    shutil.copytree(reference, root, symlinks=True)
+    env = env | {"QATFLOW_RUN_NAME": "remote"}
+    assert stages_run(dvc("repro", cwd=root, env=env)) == []  # the copy is up to date as it stands
     run("git", "add", "-A", cwd=root, env=env)
-    run("git", "commit", "-q", "-m", "reference run", cwd=root, env=env)
+    run("git", "commit", "-q", "--allow-empty", "-m", "reference run", cwd=root, env=env)
     run("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=base, env=env)
     run("git", "remote", "add", "origin", str(origin), cwd=root, env=env)
     run("git", "push", "-q", "origin", "main", cwd=root, env=env)
