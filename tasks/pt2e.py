@@ -106,8 +106,22 @@ def convert(prepared: torch.fx.GraphModule, example: torch.Tensor) -> torch.expo
     prepared.eval()
     with _batch_norm_folding_for_present_convolutions():
         converted = convert_pt2e(prepared)
+    _drop_batch_counters(converted)
     move_exported_model_to_eval(converted)
     return torch.export.export(converted, (example[:2].clone(),), dynamic_shapes=(batch_dim(),))
+
+
+def _drop_batch_counters(graph_module: torch.fx.GraphModule) -> None:
+    """Remove the `num_batches_tracked += 1` of every folded BatchNorm. torchao 0.18 removes
+    BatchNorm2d's only; a 1-D CNN's would stay an in-place update of a counter inference never
+    reads, which ExecuTorch keeps as a mutable buffer (and warns about)."""
+    for node in list(graph_module.graph.nodes):
+        counter = node.args[0] if node.target == torch.ops.aten.add_.Tensor else None
+        if (isinstance(counter, torch.fx.Node) and counter.op == "get_attr"
+                and counter.target.endswith("num_batches_tracked") and not node.users):
+            graph_module.graph.erase_node(node)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
 
 
 @contextmanager

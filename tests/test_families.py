@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tasks import pt2e
 from tasks.contracts import Normalization, PreparedMeta, prepared_meta_text
 from tasks.evaluate import evaluate
 from tasks.export import export
@@ -113,6 +114,10 @@ def test_family_runs_the_whole_pipeline(tmp_path, monkeypatch, layout, make, fam
     assert pt2e_metrics["int8_val_accuracy"] >= 0.9, pt2e_metrics
     assert metrics["fp32"]["accuracy"] >= 0.9 and metrics["int8"]["accuracy"] >= 0.9, metrics
     assert metrics["int8_pte"]["accuracy"] >= 0.9, metrics
+    # BatchNorm folded away whole: no in-place update of its state left for ExecuTorch to keep.
+    program = pt2e.load_program(project.qat_pt2e_dir / "int8.pt2")
+    assert not program.graph_signature.buffers_to_mutate
+    assert not [n for n in program.graph.nodes if n.target == torch.ops.aten.add_.Tensor]
     assert metrics["int8"]["size_bytes"] < metrics["fp32_ts"]["size_bytes"]
     torch.backends.quantized.engine = params.qat.backend
     kinds = {node.kind() for node in torch.jit.load(VARIANTS["int8"].path(project)).graph.nodes()}
