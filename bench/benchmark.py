@@ -292,7 +292,7 @@ def plot(path: Path, variants: dict, threads: int) -> None:
     ax = fig.axes[0]
     for marker, point in zip([*ax.collections, *ax.get_legend().legend_handles], [*points, *points]):
         if point["name"] not in VARIANTS:  # figures.COLORS has colours for the Python variants only
-            marker.set_facecolor("tab:purple" if "fp32" in point["name"] else "tab:brown")
+            marker.set_facecolor("tab:gray" if "fp32" in point["name"] else "tab:brown")
     ax.set_title("")  # too long for the axes beside the legend: a figure title instead
     fig.suptitle(f"Accuracy vs latency at batch 1, {threads} threads (marker area ∝ file size)")
     write_with(path, lambda f: fig.savefig(f, format="png", dpi=110))
