@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,27 @@ def locked_outputs(project: Path) -> dict[str, str]:
 # Outputs whose bytes depend on measured time; everything else must reproduce exactly.
 TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency"}
 STAGES = ["prepare", "train", "qat", "qat_pt2e", "export", "export_onnx", "export_executorch", "evaluate"]
+
+
+@contextmanager
+def dies_in_epoch(epoch: int) -> Iterator[None]:
+    """Training inside raises KeyboardInterrupt in `epoch`, as a kill would, before that epoch is
+    checkpointed; the block expects it."""
+    import tasks.loop
+
+    log_epoch = tasks.loop.log_epoch
+
+    def die(writer, model, record):
+        if record.epoch == epoch:
+            raise KeyboardInterrupt
+        log_epoch(writer, model, record)
+
+    tasks.loop.log_epoch = die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        tasks.loop.log_epoch = log_epoch
 
 
 @pytest.fixture(scope="session")

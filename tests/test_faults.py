@@ -15,14 +15,13 @@ import pytest
 import torch
 import yaml
 
-import tasks.loop
 from tasks.checkpoint import Checkpointing, TrainingState, fingerprint, resume
 from tasks.params import parse_params
 from tasks.qat import qat
 from tasks.train import train
 from tasks.workspace import Workspace
 
-from conftest import REPO, TINY_PARAMS, write_params
+from conftest import REPO, TINY_PARAMS, dies_in_epoch, write_params
 
 TRAIN_OUTPUTS = ["models/train/fp32_state.pt", "metrics/train.json", "plots/train/history.csv"]
 EXPORT_OUTPUTS = ["models/fp32.pt", "models/fp32.pt2", "models/int8.pt", "models/ptq_int8.pt",
@@ -116,7 +115,7 @@ def test_an_unreadable_checkpoint_is_ignored_saying_so(tmp_path, capsys):
     assert out.startswith("train: ignoring checkpoint.pt: unreadable (") and out.count("\n") == 1
 
 
-def test_qat_resumes_replaying_its_freeze_schedule(tiny_workspace, tmp_path, monkeypatch):
+def test_qat_resumes_replaying_its_freeze_schedule(tiny_workspace, tmp_path):
     """BatchNorm frozen in epoch 0 is module state outside the state_dict: a run resumed after
     epoch 1 must freeze it again to end with the weights of an uninterrupted run."""
     workspace, _ = tiny_workspace
@@ -128,18 +127,9 @@ def test_qat_resumes_replaying_its_freeze_schedule(tiny_workspace, tmp_path, mon
     qat(params, whole)
 
     killed = project_from(workspace, tmp_path / "killed", raw, "models/train/fp32_state.pt")
-    log_epoch = tasks.loop.log_epoch
-
-    def die_in_epoch_2(writer, model, record):
-        if record.epoch == 2:
-            raise KeyboardInterrupt  # as a kill would, before epoch 2 is checkpointed
-        log_epoch(writer, model, record)
-
-    monkeypatch.setattr(tasks.loop, "log_epoch", die_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with dies_in_epoch(2):
         qat(params, killed)
     assert not (killed.root / "models/qat").exists() and killed.qat_checkpoint.exists()
-    monkeypatch.setattr(tasks.loop, "log_epoch", log_epoch)
     qat(params, killed)
     for name in outputs:
         assert (killed.root / name).read_bytes() == (whole.root / name).read_bytes(), name

@@ -3,6 +3,7 @@ real lowering to XNNPACK, real ExecuTorch runtime, on the tiny workspace's model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -13,7 +14,6 @@ import pytest
 import torch
 
 import tasks.export_executorch
-import tasks.loop
 from tasks import pt2e
 from tasks.contracts import ModelConfig, read_prepared_meta
 from tasks.deployed import PTE_MAX_BATCH, PteModel, read_meta
@@ -25,7 +25,7 @@ from tasks.qat_pt2e import qat_pt2e
 from tasks.variants import VARIANTS
 from tasks.workspace import Workspace
 
-from conftest import REPO
+from conftest import REPO, dies_in_epoch
 
 PTE = VARIANTS["int8_pte"]
 QDQ = {torch.ops.quantized_decomposed.quantize_per_tensor.default,
@@ -91,7 +91,7 @@ def test_pte_passed_parity_and_gate_and_records_its_bytes(tiny_workspace):
     assert pte["against"] == "models/qat_pt2e/int8.pt2"
     data = PTE.path(workspace).read_bytes()
     assert pte["size_bytes"] == len(data)
-    assert pte["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+    assert pte["sha256"] == hashlib.sha256(data).hexdigest()
     assert report["gate"]["passed"] and report["gate"]["max_accuracy_drop"] == params.export.max_accuracy_drop
     assert str(workspace.root).encode() not in data
 
@@ -195,21 +195,12 @@ def test_failed_parity_keeps_the_previous_pte(tiny_workspace, tmp_path, monkeypa
     assert not [p for p in project.root.rglob(".*") if p.name.endswith(".staged")]
 
 
-def test_a_killed_qat_pt2e_resumes_to_the_uninterrupted_model(tiny_workspace, tmp_path, monkeypatch):
+def test_a_killed_qat_pt2e_resumes_to_the_uninterrupted_model(tiny_workspace, tmp_path):
     workspace, params = tiny_workspace
     project = copy_project(workspace, tmp_path, "models/train")
-    log_epoch = tasks.loop.log_epoch
-
-    def die_in_epoch_2(writer, model, record):
-        if record.epoch == 2:
-            raise KeyboardInterrupt  # as a kill would, before epoch 2 is checkpointed
-        log_epoch(writer, model, record)
-
-    monkeypatch.setattr(tasks.loop, "log_epoch", die_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with dies_in_epoch(2):
         qat_pt2e(params.qat, project)
     assert not project.qat_pt2e_dir.exists() and project.qat_pt2e_checkpoint.exists()
-    monkeypatch.setattr(tasks.loop, "log_epoch", log_epoch)
     qat_pt2e(params.qat, project)
     for name in ("metrics/qat_pt2e.json", "plots/qat_pt2e/history.csv"):
         assert (project.root / name).read_bytes() == (workspace.root / name).read_bytes(), name
