@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup lock run test flow server serve deploy worker cpp bench bench-orchestration bench-prepare bench-families tensorboard plots clean
+.PHONY: setup lock run test flow sweep server serve deploy worker cpp bench bench-orchestration bench-prepare bench-ddp bench-families tensorboard plots clean
 .DEFAULT_GOAL := run
 
 CHECK_PYTHON := $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "qatflow needs Python 3.11, got " + sys.version'
@@ -69,6 +69,11 @@ test: setup
 flow: setup
 	$(BIN)/python -m flows.pipeline $(FLOW_ARGS)
 
+# A parameter sweep, each point a DVC experiment, in parallel on Dask
+# (SWEEP_ARGS="--grid train.lr=1e-3,3e-3 --grid qat.epochs=2,4"; README: "Parallel sweeps on Dask").
+sweep: setup
+	$(BIN)/python -m flows.sweep $(SWEEP_ARGS)
+
 # Schedules need a real server: `make server` in one terminal, then `make serve`, or `make deploy`
 # and `make worker`, in another. They talk to the local server unless PREFECT_API_URL says otherwise.
 serve deploy worker: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
@@ -107,6 +112,10 @@ bench-orchestration: setup
 # prepare on a generated ~1 GB .npz: throughput and peak memory (BENCH_ARGS=--quick for seconds).
 bench-prepare: setup
 	$(BIN)/python -m bench.prepare_large $(BENCH_ARGS)
+
+# Train-stage epoch time at DDP nproc 1 and 2 (one thread each), scaling efficiency -> bench/ddp.json.
+bench-ddp: setup
+	$(BIN)/python -m bench.ddp $(BENCH_ARGS)
 
 # Test accuracy of each model family on real data (digits, a tabular CSV, sequences) -> bench/families.json.
 bench-families: setup

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from tasks.atomic import write_with
+from tasks.distributed import DataParallel
 
 # dvc.yaml and tasks/ sit side by side; the stage's data deps resolve against the workspace it
 # runs in, which in-process tests put elsewhere.
@@ -92,10 +93,13 @@ def stage_deps(stage: str) -> tuple[str, ...]:
     return tuple(stages[stage]["deps"])
 
 
-def fingerprint(stage: str, params: BaseModel, workspace_root: Path) -> dict[str, str]:
+def fingerprint(stage: str, params: BaseModel, workspace_root: Path, processes: int = 1) -> dict[str, str]:
     """What a stage's training depends on, one entry each, named so that a mismatch says what
-    changed: its params section, each of its dvc.yaml deps (data, upstream models, code) and torch."""
+    changed: its params section, each of its dvc.yaml deps (data, upstream models, code), torch and
+    the number of DDP processes (a torchrun started by hand need not match the params' nproc)."""
     entries = {f"{stage} params": hashlib.sha256(params.model_dump_json().encode()).hexdigest()}
+    if processes > 1:
+        entries["DDP processes"] = str(processes)
     for dep in stage_deps(stage):
         base = PROJECT if dep.startswith(CODE_DIR) else workspace_root
         entries[dep] = files_digest([base / dep]) if (base / dep).exists() else "missing"
@@ -103,14 +107,26 @@ def fingerprint(stage: str, params: BaseModel, workspace_root: Path) -> dict[str
     return entries
 
 
-def save(checkpoint: Checkpointing, loop: LoopState, training: TrainingState) -> None:
+def _random_state(training: TrainingState) -> dict[str, torch.Tensor]:
+    # Dropout draws from the global generator, shuffling and augmentation from the loop's.
+    return {"torch_rng": torch.get_rng_state(), "generator": training.generator.get_state()}
+
+
+def save(checkpoint: Checkpointing, loop: LoopState, training: TrainingState,
+         parallel: DataParallel | None = None) -> None:
+    """Under DDP every rank calls it (its random state is gathered) and rank 0 writes."""
+    random = _random_state(training)
+    if parallel is not None:
+        ranks = parallel.gather(random)
+        if not parallel.is_main:
+            return
+        random = {"ranks": ranks}
     saved = {
         "fingerprint": checkpoint.fingerprint,
         "model": training.model.state_dict(),
         "optimizer": training.optimizer.state_dict(),
         "scheduler": training.scheduler.state_dict() if training.scheduler is not None else None,
-        "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
-        "generator": training.generator.get_state(),
+        **random,
         "history": [asdict(record) for record in loop.history],
         "best": {
             "accuracy": loop.best_accuracy, "loss": loop.best_loss, "epoch": loop.best_epoch,
@@ -121,9 +137,40 @@ def save(checkpoint: Checkpointing, loop: LoopState, training: TrainingState) ->
     write_with(checkpoint.path, lambda f: torch.save(saved, f))
 
 
-def resume(checkpoint: Checkpointing, stage: str, training: TrainingState) -> LoopState | None:
+def resume(checkpoint: Checkpointing, stage: str, training: TrainingState,
+           parallel: DataParallel | None = None) -> LoopState | None:
     """Load the checkpoint into the training objects and return the loop's state, or None (saying
-    why when a checkpoint exists) to start from scratch."""
+    why when a checkpoint exists) to start from scratch. Under DDP, rank 0 reads it and every rank
+    gets rank 0's reading: the other ranks may run where the file is not."""
+    if parallel is None:
+        saved = _read(checkpoint, stage)
+    else:
+        saved = parallel.from_main(_read(checkpoint, stage) if parallel.is_main else None)
+        if saved is not None:
+            saved |= saved["ranks"][parallel.rank]
+    if saved is None:
+        return None
+    training.model.load_state_dict(saved["model"])
+    training.optimizer.load_state_dict(saved["optimizer"])
+    if training.scheduler is not None:
+        training.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    training.generator.set_state(saved["generator"])
+    best = saved["best"]
+    loop = LoopState(
+        best_state=best["state_dict"],
+        history=[EpochRecord(**record) for record in saved["history"]],
+        best_accuracy=best["accuracy"], best_loss=best["loss"], best_epoch=best["epoch"],
+        best_confusion=best["confusion"].numpy(), stopped=saved["stopped"],
+    )
+    if parallel is None or parallel.is_main:
+        print(f"{stage}: resuming from {checkpoint.path.name} after epoch {len(loop.history)}")
+    return loop
+
+
+def _read(checkpoint: Checkpointing, stage: str) -> dict | None:
+    """The saved state if it is readable and made with the same fingerprint; None (saying why
+    when a checkpoint exists) otherwise."""
     if not checkpoint.path.exists():
         return None
     try:
@@ -139,18 +186,4 @@ def resume(checkpoint: Checkpointing, stage: str, training: TrainingState) -> Lo
         print(f"{stage}: ignoring {checkpoint.path.name}: made with other {', '.join(changed)}; "
               "starting over")
         return None
-    training.model.load_state_dict(saved["model"])
-    training.optimizer.load_state_dict(saved["optimizer"])
-    if training.scheduler is not None:
-        training.scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
-    training.generator.set_state(saved["generator"])
-    best = saved["best"]
-    loop = LoopState(
-        best_state=best["state_dict"],
-        history=[EpochRecord(**record) for record in saved["history"]],
-        best_accuracy=best["accuracy"], best_loss=best["loss"], best_epoch=best["epoch"],
-        best_confusion=best["confusion"].numpy(), stopped=saved["stopped"],
-    )
-    print(f"{stage}: resuming from {checkpoint.path.name} after epoch {len(loop.history)}")
-    return loop
+    return saved

@@ -75,6 +75,17 @@ def pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies: a DDP worker with the torchrun that started it,
+    which cannot stop its workers when it is killed itself."""
+    if (prctl := _libc_prctl()) is None:
+        return
+    parent = os.getppid()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        _kill_self()
+
+
 def _watch(ancestor: int, shell: int) -> None:
     """SIGKILL this process once `ancestor` (the process that ran `shell`) exits."""
     try:

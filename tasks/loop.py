@@ -31,21 +31,40 @@ from tasks.atomic import StagedOutputs, staged_outputs
 from tasks.augment import random_shift
 from tasks.checkpoint import Checkpointing, EpochRecord, LoopState, TrainingState
 from tasks.contracts import PreparedMeta, read_prepared_meta
+from tasks.distributed import DataParallel, NoWriter, steps_per_epoch
 from tasks.figures import confusion_figure
 from tasks.inference import predict_logits
+from tasks.npyio import NpyStream, StoredRows
 from tasks.scores import confusion_matrix
 from tasks.workspace import Workspace
 
 
+class SplitRows:
+    """A prepared split's x, read from data/prepared as it is indexed (tasks/npyio.py: StoredRows):
+    training holds one batch of it at a time, whatever the size of the data. Indexing (a slice, or
+    a tensor of row numbers) gives a tensor."""
+
+    def __init__(self, rows: StoredRows) -> None:
+        self.rows = rows
+        self.shape = torch.Size(rows.shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.rows[index.numpy() if isinstance(index, torch.Tensor) else index])
+
+
 @dataclass(frozen=True)
 class Samples:
-    x: torch.Tensor
+    x: torch.Tensor | SplitRows
     y: torch.Tensor
 
 
 def load_split(prepared: Path, name: str) -> Samples:
-    with np.load(prepared / f"{name}.npz", allow_pickle=False) as data:
-        return Samples(torch.from_numpy(data["x"]), torch.from_numpy(data["y"]))
+    """A prepared split: its labels in memory, its samples read as they are used."""
+    path = prepared / f"{name}.npz"
+    return Samples(SplitRows(StoredRows(path, "x")), torch.from_numpy(NpyStream(path, "y").load()))
 
 
 @dataclass(frozen=True)
@@ -61,12 +80,19 @@ def load_stage_inputs(workspace: Workspace) -> StageInputs:
     return StageInputs(meta, load_split(workspace.prepared, "train"), load_split(workspace.prepared, "val"))
 
 
+def tensorboard(workspace: Workspace, stage: str, parallel: DataParallel | None) -> SummaryWriter | NoWriter:
+    """The stage's TensorBoard run; under DDP, rank 0's alone."""
+    if parallel is not None and not parallel.is_main:
+        return NoWriter()
+    return SummaryWriter(workspace.tensorboard(stage))
+
+
 def fine_tuning(model: nn.Module, lr: float, epochs: int, batch_size: int, samples: int,
-                generator: torch.Generator) -> TrainingState:
+                generator: torch.Generator, world_size: int = 1) -> TrainingState:
     """The QAT recipe's optimizer and schedule, one for both engines (qat, qat_pt2e): SGD with
     momentum at a low LR, cosine-annealed to zero over every step of every epoch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    steps = epochs * -(-samples // batch_size)
+    steps = epochs * steps_per_epoch(samples, batch_size, world_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     return TrainingState(model, optimizer, scheduler, generator)
 
@@ -97,6 +123,7 @@ class FitConfig:
     augment_shift: int = 0
     label_smoothing: float = 0.0
     patience: int | None = None  # stop after this many epochs without a val improvement
+    seed: int = 0  # of the shuffled order under DDP, the same on every rank (DistributedSampler)
 
 
 @dataclass
@@ -116,6 +143,7 @@ def fit(
     writer: SummaryWriter,
     on_epoch_start: Callable[[nn.Module, int], None] | None = None,
     resumable: Checkpointing | None = None,
+    parallel: DataParallel | None = None,
 ) -> FitResult:
     """Train for `config.epochs` (fewer if validation accuracy stalls for `patience` epochs) and
     return the history plus the best epoch's weights. The scheduler is stepped once per batch.
@@ -123,35 +151,46 @@ def fit(
     With `resumable`, everything the next epoch depends on is saved after each one, and a run
     that finds a checkpoint with the same fingerprint carries on after its last epoch, ending with
     the weights an uninterrupted run would have. publish_run removes it once the outputs are out.
+
+    With `parallel` (DDP under torchrun, tasks/distributed.py), each rank trains on its shard in
+    slices of batch_size / world_size, so one step still sees batch_size samples; only rank 0
+    shows progress and writes to `writer` and the checkpoint.
     """
     model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
     stage, epochs, batch_size = config.stage, config.epochs, config.batch_size
     num_classes = int(torch.max(torch.cat([train.y, val.y]))) + 1
     state = LoopState(copy.deepcopy(model.state_dict()))
     if resumable is not None:
-        state = checkpoint.resume(resumable, stage, training) or state
+        state = checkpoint.resume(resumable, stage, training, parallel) or state
+    shows = parallel is None or parallel.is_main
+    trained = model if parallel is None else parallel.wrap(model)
+    if parallel is not None:
+        batch_size = parallel.rank_batch(batch_size)
     if on_epoch_start:
         # Replayed for the epochs a resumed run skips: what they set (frozen BatchNorm statistics,
         # for one) is module state that a state_dict does not hold.
         for epoch in range(len(state.history)):
             on_epoch_start(model, epoch)
-    steps_per_epoch = (len(train.y) + batch_size - 1) // batch_size
     start = time.perf_counter()
     columns = (TextColumn(f"{stage} epoch {{task.fields[epoch]}}"), BarColumn(),
                MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                TimeRemainingColumn())
-    with Progress(*columns) as progress, deterministic_algorithms():
+    with Progress(*columns, disable=not shows) as progress, deterministic_algorithms():
         for epoch in range(len(state.history), epochs if not state.stopped else 0):
             if on_epoch_start:
                 on_epoch_start(model, epoch)
-            model.train()
-            order = torch.randperm(len(train.y), generator=training.generator)
+            trained.train()
+            if parallel is None:
+                order = torch.randperm(len(train.y), generator=training.generator)
+            else:
+                order = parallel.epoch_order(len(train.y), epoch, config.seed)
+            steps_per_epoch = -(-len(order) // batch_size)
             task = progress.add_task("", total=steps_per_epoch, epoch=f"{epoch + 1}/{epochs}", loss=0.0)
             loss_sum, correct = 0.0, 0
             for step in range(steps_per_epoch):
                 batch = order[step * batch_size : (step + 1) * batch_size]
                 inputs = random_shift(train.x[batch], config.augment_shift, training.generator)
-                logits = model(inputs)
+                logits = trained(inputs)
                 loss = F.cross_entropy(logits, train.y[batch], label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -164,26 +203,31 @@ def fit(
                 writer.add_scalar("loss/train_step", step_loss, epoch * steps_per_epoch + step)
                 progress.update(task, advance=1, loss=step_loss)
             progress.remove_task(task)
+            seen = len(order)
+            if parallel is not None:
+                parallel.sync_buffers(model)
+                loss_sum, correct, seen = parallel.sum(loss_sum, correct, seen)
 
             model.eval()
             val_logits = predict_logits(model, val.x)
             val_pred = val_logits.argmax(1)
             record = EpochRecord(
                 epoch=epoch + 1,
-                train_loss=loss_sum / len(train.y),
-                train_accuracy=correct / len(train.y),
+                train_loss=loss_sum / seen,
+                train_accuracy=correct / seen,
                 val_loss=F.cross_entropy(val_logits, val.y).item(),
                 val_accuracy=(val_pred == val.y).float().mean().item(),
                 lr=optimizer.param_groups[0]["lr"],
             )
             state.history.append(record)
-            log_epoch(writer, model, record)
-            progress.console.print(
-                f"{stage} epoch {record.epoch}/{epochs}: loss {record.train_loss:.4f} "
-                f"acc {record.train_accuracy:.4f} | val loss {record.val_loss:.4f} "
-                f"acc {record.val_accuracy:.4f} | lr {record.lr:.2e}",
-                soft_wrap=True,
-            )
+            if shows:
+                log_epoch(writer, model, record)
+                progress.console.print(
+                    f"{stage} epoch {record.epoch}/{epochs}: loss {record.train_loss:.4f} "
+                    f"acc {record.train_accuracy:.4f} | val loss {record.val_loss:.4f} "
+                    f"acc {record.val_accuracy:.4f} | lr {record.lr:.2e}",
+                    soft_wrap=True,
+                )
             # Higher accuracy wins, lower loss breaks ties.
             if (record.val_accuracy, -record.val_loss) > (state.best_accuracy, -state.best_loss):
                 state.best_accuracy, state.best_loss = record.val_accuracy, record.val_loss
@@ -192,12 +236,13 @@ def fit(
             elif config.patience is not None and record.epoch - state.best_epoch >= config.patience:
                 state.stopped = True
             if resumable is not None:
-                checkpoint.save(resumable, state, training)
-            if state.stopped:
+                checkpoint.save(resumable, state, training, parallel)
+            if state.stopped and shows:
                 progress.console.print(
                     f"{stage}: early stop, no val improvement for {config.patience} epochs",
                     soft_wrap=True,
                 )
+            if state.stopped:
                 break
     return FitResult(state.history, state.best_epoch, state.best_state, state.best_confusion,
                      time.perf_counter() - start)

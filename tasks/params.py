@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import reprlib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -69,6 +70,18 @@ class ModelParams(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
 
+class DistributedParams(Section):
+    # DDP processes on this machine: > 1 re-runs the stage under `torchrun --standalone` (gloo).
+    # Several machines: start the stage under torchrun on each (README: "Scaling out").
+    nproc: Annotated[int, Field(ge=1, le=256)] = 1
+
+
+def _check_batch_split(batch_size: int, nproc: int) -> None:
+    if batch_size % nproc:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of distributed.nproc {nproc}: "
+                         "each DDP process takes an equal slice of every batch")
+
+
 class TrainParams(Section):
     seed: NonNegativeInt = 0
     threads: Threads = 2
@@ -82,6 +95,12 @@ class TrainParams(Section):
     augment_shift: Annotated[int, Field(ge=0, le=8)] = 2
     patience: PositiveInt = 6
     model: ModelParams = ModelParams()
+    distributed: DistributedParams = DistributedParams()
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> TrainParams:
+        _check_batch_split(self.batch_size, self.distributed.nproc)
+        return self
 
 
 class QatParams(Section):
@@ -97,6 +116,12 @@ class QatParams(Section):
     # no ranges to work with.
     freeze_observers_epoch: PositiveInt = 3
     ptq_calibration_batches: PositiveInt = 16
+    distributed: DistributedParams = DistributedParams()  # both engines, qat and qat_pt2e
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> QatParams:
+        _check_batch_split(self.batch_size, self.distributed.nproc)
+        return self
 
 
 class ExportParams(Section):
@@ -173,6 +198,12 @@ class _NoAliasLoader(yaml.SafeLoader):
         if anchor is not None:
             raise _AliasRefused(event, f"YAML anchors (&{anchor}) and aliases are not allowed in params")
         return super().compose_node(parent, index)
+
+
+# YAML 1.2 floats without a dot (1e-3, 5E+4): PyYAML implements YAML 1.1, which reads them as
+# strings that the strict schema then refuses; ruamel, DVC's reader of params.yaml, reads floats.
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 class _AliasRefused(Exception):

@@ -17,10 +17,10 @@ import copy
 import torch
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import disable_observer
-from torch.utils.tensorboard import SummaryWriter
 
 from tasks.checkpoint import Checkpointing, fingerprint
 from tasks.cli import run_stage
+from tasks.distributed import DataParallel, processes
 from tasks.inference import predict_logits
 from tasks.loop import (
     FitConfig,
@@ -30,6 +30,7 @@ from tasks.loop import (
     log_run_summary,
     publish_run,
     seed_everything,
+    tensorboard,
 )
 from tasks.model import load_checkpoint
 from tasks.params import QatParams, load_params
@@ -48,7 +49,9 @@ def calibrate(prepared: torch.nn.Module, x: torch.Tensor, batches: int, batch_si
         prepared(x[i : i + batch_size])
 
 
-def qat(params: QatParams, workspace: Workspace) -> dict:
+def qat(params: QatParams, workspace: Workspace, parallel: DataParallel | None = None) -> dict | None:
+    """Under DDP (`parallel`), every rank trains; rank 0 alone goes on to write and returns the
+    metrics, the others None."""
     workspace.require(workspace.train_model)
     generator = seed_everything(params.seed, params.threads)
     inputs = load_stage_inputs(workspace)
@@ -57,15 +60,20 @@ def qat(params: QatParams, workspace: Workspace) -> dict:
     example = train_set.x[:1]
 
     # Calibrate on a fixed, shuffled slice of the training set (the raw order is class-sorted).
-    calibration = train_set.x[torch.randperm(len(train_set.y), generator=generator)]
+    order = torch.randperm(len(train_set.y), generator=generator)
+    calibration = train_set.x[order[: params.ptq_calibration_batches * params.batch_size]]
     ptq = prepare(copy.deepcopy(fp32), "ptq", params.backend, example)
     calibrate(ptq, calibration, params.ptq_calibration_batches, params.batch_size)
 
     model = prepare(copy.deepcopy(fp32), "qat", params.backend, example)
-    training = fine_tuning(model, params.lr, params.epochs, params.batch_size, len(train_set.y), generator)
-    resumable = Checkpointing(workspace.qat_checkpoint, fingerprint("qat", params, workspace.root))
+    world = 1 if parallel is None else parallel.world_size
+    if parallel is not None:
+        generator = parallel.seed_rank(params.seed)
+    training = fine_tuning(model, params.lr, params.epochs, params.batch_size, len(train_set.y), generator,
+                          world)
+    resumable = Checkpointing(workspace.qat_checkpoint, fingerprint("qat", params, workspace.root, world))
     fit_config = FitConfig("qat", params.epochs, params.batch_size,
-                           label_smoothing=params.label_smoothing)
+                           label_smoothing=params.label_smoothing, seed=params.seed)
 
     def freeze_on_schedule(module: torch.nn.Module, epoch: int) -> None:
         if epoch == params.freeze_bn_epoch:
@@ -73,9 +81,12 @@ def qat(params: QatParams, workspace: Workspace) -> dict:
         if epoch == params.freeze_observers_epoch:
             module.apply(disable_observer)
 
-    with SummaryWriter(workspace.tensorboard("qat")) as writer:
+    with tensorboard(workspace, "qat", parallel) as writer:
         result = fit(training, train_set, val_set, fit_config, writer,
-                     on_epoch_start=freeze_on_schedule, resumable=resumable)
+                     on_epoch_start=freeze_on_schedule, resumable=resumable,
+                     parallel=parallel)
+        if parallel is not None and not parallel.writes_outputs("qat", model.state_dict()):
+            return None
         # The recipe keeps the final weights: earlier epochs ran with observers still moving.
         metrics = {
             "backend": params.backend,
@@ -84,7 +95,8 @@ def qat(params: QatParams, workspace: Workspace) -> dict:
             "fake_quant_val_accuracy": round(result.history[-1].val_accuracy, 6),
             "int8_val_accuracy": accuracy(convert(model), val_set.x, val_set.y),
         }
-        log_run_summary(writer, result, inputs.meta.class_names, params.model_dump(), metrics,
+        log_run_summary(writer, result, inputs.meta.class_names,
+                        params.model_dump(exclude={"distributed"}), metrics,
                         "qat: validation (fake-quant)")
         # A copy: tracing runs a forward pass, which would move observers that are not frozen yet.
         writer.add_graph(copy.deepcopy(model).eval(), example)
@@ -106,7 +118,9 @@ def qat(params: QatParams, workspace: Workspace) -> dict:
 
 def main(args) -> None:
     """Quantization-aware fine-tuning (and a PTQ baseline) of the trained model."""
-    qat(load_params(args.params).qat, project_workspace())
+    params = load_params(args.params).qat
+    with processes(params.distributed.nproc, "tasks.qat", params.threads) as parallel:
+        qat(params, project_workspace(), parallel)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ logs go to runs/qat_pt2e/<run>. Resumes a killed run from models/qat_pt2e_checkp
 from __future__ import annotations
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from tasks import pt2e
 from tasks.checkpoint import Checkpointing, fingerprint
 from tasks.cli import run_stage
+from tasks.distributed import DataParallel, processes
 from tasks.inference import predict_logits
 from tasks.loop import (
     FitConfig,
@@ -28,6 +28,7 @@ from tasks.loop import (
     log_run_summary,
     publish_run,
     seed_everything,
+    tensorboard,
 )
 from tasks.model import load_checkpoint
 from tasks.params import QatParams, load_params
@@ -42,7 +43,9 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
     return round((predict_logits(model, x).argmax(1) == y).float().mean().item(), 6)
 
 
-def qat_pt2e(params: QatParams, workspace: Workspace) -> dict:
+def qat_pt2e(params: QatParams, workspace: Workspace, parallel: DataParallel | None = None) -> dict | None:
+    """Under DDP (`parallel`), every rank trains; rank 0 alone goes on to write and returns the
+    metrics, the others None."""
     workspace.require(workspace.train_model)
     generator = seed_everything(params.seed, params.threads)
     inputs = load_stage_inputs(workspace)
@@ -51,10 +54,15 @@ def qat_pt2e(params: QatParams, workspace: Workspace) -> dict:
     fp32_val_accuracy = accuracy(fp32.eval(), val_set.x, val_set.y)
 
     model = pt2e.prepare(fp32, train_set.x)
+    world = 1 if parallel is None else parallel.world_size
+    if parallel is not None:
+        generator = parallel.seed_rank(params.seed)
     # qat's optimizer and schedule: the engines differ only in how they quantize.
-    training = fine_tuning(model, params.lr, params.epochs, params.batch_size, len(train_set.y), generator)
-    resumable = Checkpointing(workspace.qat_pt2e_checkpoint, fingerprint(STAGE, params, workspace.root))
-    fit_config = FitConfig(STAGE, params.epochs, params.batch_size, label_smoothing=params.label_smoothing)
+    training = fine_tuning(model, params.lr, params.epochs, params.batch_size, len(train_set.y), generator,
+                          world)
+    resumable = Checkpointing(workspace.qat_pt2e_checkpoint, fingerprint(STAGE, params, workspace.root, world))
+    fit_config = FitConfig(STAGE, params.epochs, params.batch_size, label_smoothing=params.label_smoothing,
+                           seed=params.seed)
 
     def freeze_on_schedule(module: torch.fx.GraphModule, epoch: int) -> None:
         if epoch == params.freeze_bn_epoch:
@@ -62,9 +70,12 @@ def qat_pt2e(params: QatParams, workspace: Workspace) -> dict:
         if epoch == params.freeze_observers_epoch:
             pt2e.freeze_observers(module)
 
-    with SummaryWriter(workspace.tensorboard(STAGE)) as writer:
+    with tensorboard(workspace, STAGE, parallel) as writer:
         result = fit(training, train_set, val_set, fit_config, writer,
-                     on_epoch_start=freeze_on_schedule, resumable=resumable)
+                     on_epoch_start=freeze_on_schedule, resumable=resumable,
+                     parallel=parallel)
+        if parallel is not None and not parallel.writes_outputs(STAGE, model.state_dict()):
+            return None
         program = pt2e.convert(model, train_set.x)
         metrics = {
             "engine": "pt2e",
@@ -73,7 +84,8 @@ def qat_pt2e(params: QatParams, workspace: Workspace) -> dict:
             "fake_quant_val_accuracy": round(result.history[-1].val_accuracy, 6),
             "int8_val_accuracy": accuracy(program.module(), val_set.x, val_set.y),
         }
-        log_run_summary(writer, result, inputs.meta.class_names, params.model_dump(), metrics,
+        log_run_summary(writer, result, inputs.meta.class_names,
+                        params.model_dump(exclude={"distributed"}), metrics,
                         "qat_pt2e: validation (fake-quant)")
 
     payload = pt2e.program_bytes(program)
@@ -90,7 +102,9 @@ def qat_pt2e(params: QatParams, workspace: Workspace) -> dict:
 
 def main(args) -> None:
     """Quantization-aware fine-tuning of the trained model on torchao's PT2E flow (XNNPACK)."""
-    qat_pt2e(load_params(args.params).qat, project_workspace())
+    params = load_params(args.params).qat
+    with processes(params.distributed.nproc, "tasks.qat_pt2e", params.threads) as parallel:
+        qat_pt2e(params, project_workspace(), parallel)
 
 
 if __name__ == "__main__":

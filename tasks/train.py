@@ -9,10 +9,10 @@ which a killed run resumes; the checkpoint is removed once the outputs are publi
 from __future__ import annotations
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from tasks.checkpoint import Checkpointing, TrainingState, fingerprint
 from tasks.cli import run_stage
+from tasks.distributed import DataParallel, processes, steps_per_epoch
 from tasks.environment import environment
 from tasks.loop import (
     FitConfig,
@@ -21,6 +21,7 @@ from tasks.loop import (
     log_run_summary,
     publish_run,
     seed_everything,
+    tensorboard,
 )
 from tasks.model import build_model, model_config, save_checkpoint
 from tasks.params import TrainParams, load_params
@@ -45,23 +46,31 @@ def make_scheduler(params: TrainParams, optimizer, steps_per_epoch: int):
     return None
 
 
-def train(params: TrainParams, workspace: Workspace) -> dict:
+def train(params: TrainParams, workspace: Workspace, parallel: DataParallel | None = None) -> dict | None:
+    """Under DDP (`parallel`), every rank trains; rank 0 alone goes on to write and returns the
+    metrics, the others None."""
     generator = seed_everything(params.seed, params.threads)
     inputs = load_stage_inputs(workspace)
     meta, train_set = inputs.meta, inputs.train
     config = model_config(meta.layout, meta.input_shape, len(meta.class_names), params.model)
     model = build_model(config)
+    world = 1 if parallel is None else parallel.world_size
+    if parallel is not None:
+        generator = parallel.seed_rank(params.seed)
     optimizer = make_optimizer(params, model)
-    scheduler = make_scheduler(params, optimizer, -(-len(train_set.y) // params.batch_size))
+    scheduler = make_scheduler(params, optimizer, steps_per_epoch(len(train_set.y), params.batch_size, world))
     training = TrainingState(model, optimizer, scheduler, generator)
     resumable = Checkpointing(workspace.train_checkpoint,
-                              fingerprint("train", params, workspace.root))
+                              fingerprint("train", params, workspace.root, world))
     fit_config = FitConfig("train", params.epochs, params.batch_size, params.augment_shift,
-                           params.label_smoothing, params.patience)
+                           params.label_smoothing, params.patience, seed=params.seed)
 
-    with SummaryWriter(workspace.tensorboard("train")) as writer:
+    with tensorboard(workspace, "train", parallel) as writer:
         writer.add_graph(model.eval(), train_set.x[:1])
-        result = fit(training, train_set, inputs.val, fit_config, writer, resumable=resumable)
+        result = fit(training, train_set, inputs.val, fit_config, writer, resumable=resumable,
+                     parallel=parallel)
+        if parallel is not None and not parallel.writes_outputs("train", result.best_state):
+            return None
         best = result.history[result.best_epoch - 1]
         metrics = {
             "best_epoch": result.best_epoch,
@@ -73,7 +82,7 @@ def train(params: TrainParams, workspace: Workspace) -> dict:
             # so that `dvc exp show` and `dvc metrics diff` show where a run was made.
             "environment": environment(),
         }
-        hparams = params.model_dump(exclude={"model"}) | {
+        hparams = params.model_dump(exclude={"model", "distributed"}) | {"processes": world,
             "family": config.family, "widths": str(config.widths),
             "convs_per_stage": config.convs_per_stage, "dropout": config.dropout,
         }
@@ -94,7 +103,9 @@ def train(params: TrainParams, workspace: Workspace) -> dict:
 
 def main(args) -> None:
     """Train the fp32 model on data/prepared."""
-    train(load_params(args.params).train, project_workspace())
+    params = load_params(args.params).train
+    with processes(params.distributed.nproc, "tasks.train", params.threads) as parallel:
+        train(params, project_workspace(), parallel)
 
 
 if __name__ == "__main__":

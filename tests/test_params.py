@@ -23,6 +23,8 @@ def test_repo_params_file_is_valid_and_matches_schema_defaults():
         ({"train": {"model": {"widths": []}}}, "train.model.widths", "at least 1"),
         ({"evaluate": {"threads": 0}}, "evaluate.threads", "greater than or equal to 1"),
         ({"qat": {"freeze_observers_epoch": 0}}, "qat.freeze_observers_epoch", "greater than 0"),
+        ({"train": {"batch_size": 33, "distributed": {"nproc": 2}}}, "train", "multiple of distributed.nproc 2"),
+        ({"qat": {"distributed": {"nproc": 0}}}, "qat.distributed.nproc", "greater than or equal to 1"),
     ],
 )
 def test_bad_params_name_the_key_and_the_problem(raw, key, why):
@@ -47,3 +49,11 @@ def test_load_params_reports_file_problems(tmp_path):
 def test_partial_params_fill_in_defaults():
     params = parse_params({"train": {"epochs": 3}})
     assert params.train.epochs == 3 and params.train.lr == Params().train.lr
+
+
+def test_exponent_floats_read_as_yaml_1_2_does(tmp_path):
+    # YAML 1.1 (PyYAML) would read 1e-3 as a string; DVC's YAML 1.2 reader sees a float.
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-5\n")
+    params = load_params(path)
+    assert (params.train.lr, params.train.weight_decay) == (0.001, 5e-05)

@@ -9,7 +9,7 @@ from tasks.params import parse_params
 from tasks.train import train
 from tasks.workspace import Workspace
 
-from conftest import TINY_PARAMS
+from conftest import REPRO_RUN_NAME, TINY_PARAMS
 
 
 def test_train_writes_checkpoint_history_and_metrics(tiny_workspace):
@@ -24,13 +24,13 @@ def test_train_writes_checkpoint_history_and_metrics(tiny_workspace):
     assert len(history) == 1 + params.train.epochs
     val = load_split(workspace.prepared, "val")
     with torch.no_grad():
-        accuracy = (model(val.x).argmax(1) == val.y).float().mean().item()
+        accuracy = (model(val.x[:]).argmax(1) == val.y).float().mean().item()
     assert round(accuracy, 6) == metrics["val_accuracy"]
 
 
 def test_tensorboard_run_has_scalars_histograms_graph_figure_and_hparams(tiny_workspace):
     workspace, params = tiny_workspace
-    events = EventAccumulator(str(workspace.root / "runs" / "train" / "tiny"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(workspace.root / "runs" / "train" / REPRO_RUN_NAME), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()
     for tag in ("loss/train_step", "loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr"):

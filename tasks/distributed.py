@@ -1,0 +1,188 @@
+"""Data-parallel training with PyTorch DDP under torchrun, for train and qat.
+
+`processes(nproc, module, threads)` is each stage's entry: with nproc 1 and no torchrun around it,
+it does nothing and the stage runs the single-process path it always had. With nproc > 1 it runs
+the stage again as `python -m torch.distributed.run --standalone --nproc-per-node N -m <module>`, so
+`dvc repro` and the Prefect flow run the same command as ever. Under torchrun (launched that way,
+or by hand on several nodes) it joins the process group and hands fit() a DataParallel.
+
+What every rank holds stays identical: DDP broadcasts rank 0's weights at the start and averages
+gradients; BatchNorm buffers are broadcast from rank 0 before each validation, so every rank
+validates the same model on the whole validation set and takes the same best-epoch and early-stop
+decisions without exchanging them. Each rank draws its own dropout and augmentation (seed + rank).
+Rank 0 alone writes TensorBoard, checkpoints, metrics and models; a resumed run gets rank 0's
+checkpoint through a broadcast, so nodes need no shared filesystem.
+
+BatchNorm: torch's SyncBatchNorm refuses CPU tensors (torch/nn/modules/batchnorm.py: "expected
+input tensor to be on GPU"), so on CPU each rank normalizes with its own slice of the global batch
+and evaluation uses rank 0's running statistics. The backend is gloo: these stages train on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from tasks.errors import QatflowError
+from tasks.lifeline import die_with_parent, pdeathsig_preexec
+
+# Set by torchrun for every worker it starts.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RanksDiverged(QatflowError):
+    pass
+
+
+class NoWriter:
+    """The SummaryWriter of ranks other than 0: it writes nothing."""
+
+    def __enter__(self) -> NoWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def die_with_torchrun() -> None:
+    """A worker dies with the torchrun that started it, which cannot stop its workers when it is
+    killed itself; one whose torchrun died already (while it was importing) would wait for a
+    rendezvous that never comes, so it ends at once."""
+    die_with_parent()
+    try:
+        launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        launcher = b""
+    if b"torch.distributed.run" not in launcher and b"torchrun" not in launcher:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def under_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
+    """One machine, `nproc` workers, a free rendezvous port (--standalone)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", module, *args]
+
+
+@contextmanager
+def processes(nproc: int, module: str, threads: int) -> Iterator[DataParallel | None]:
+    """The stage's place in a DDP job: None for a single process; run again under torchrun
+    when `nproc` > 1 and not under it yet (this process then exits with torchrun's status). `threads` is each
+    process's intra-op thread count (the stage's `threads`)."""
+    if not under_torchrun():
+        if nproc > 1:
+            sys.stdout.flush()
+            # torchrun would set 1 and say so; the stage sets its own count anyway.
+            env = {"OMP_NUM_THREADS": str(threads), **os.environ}
+            # A child, not an exec: this process keeps dying with DVC (tasks/lifeline.py, which an
+            # exec would lose behind a forking shell), and torchrun and its workers die with it.
+            launched = subprocess.run(torchrun_command(nproc, module, sys.argv[1:]), env=env,
+                                      preexec_fn=pdeathsig_preexec())
+            sys.exit(launched.returncode)
+        yield None
+        return
+    die_with_torchrun()
+    dist.init_process_group("gloo")
+    try:
+        yield DataParallel(dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch: every rank takes the same number of batch_size / world_size
+    slices of its shard (DistributedSampler pads the shards to equal length)."""
+    shard = -(-samples // world_size)
+    return -(-shard // (batch_size // world_size))
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"{self.world_size} processes (DDP, {dist.get_backend()})"
+
+    def rank_batch(self, batch_size: int) -> int:
+        # The params check this against their own nproc; a torchrun started by hand may differ.
+        if batch_size % self.world_size:
+            raise QatflowError(f"batch_size {batch_size} does not split over {self.world_size} DDP "
+                               "processes: make it a multiple of torchrun's world size")
+        return batch_size // self.world_size
+
+    def seed_rank(self, seed: int) -> torch.Generator:
+        """After the model is built (same weights everywhere): dropout and augmentation draws of
+        this rank's own."""
+        torch.manual_seed(seed + self.rank)
+        return torch.Generator().manual_seed(seed + self.rank)
+
+    def wrap(self, model: nn.Module) -> DistributedDataParallel:
+        return DistributedDataParallel(model)
+
+    def epoch_order(self, samples: int, epoch: int, seed: int) -> torch.Tensor:
+        """This rank's shard of the epoch's shuffled indices."""
+        sampler = DistributedSampler(range(samples), num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler))
+
+    def sum(self, *values: float) -> list[float]:
+        total = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's BatchNorm statistics (and observer ranges) on every rank: each rank's last
+        training step moved its own."""
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+    def from_main(self, value: object) -> object:
+        """Rank 0's `value` on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, 0)
+        return box[0]
+
+    def gather(self, value: object) -> list[object]:
+        """Every rank's `value`, in rank order, on every rank."""
+        values: list[object] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def writes_outputs(self, stage: str, state: dict[str, torch.Tensor]) -> bool:
+        """The end of training: check that every rank holds the same `state` bytes (RanksDiverged
+        otherwise), then whether this rank is the one that goes on to write the outputs."""
+        digest = hashlib.sha256()
+        for name, tensor in state.items():
+            digest.update(name.encode() + b"\0" + tensor.detach().contiguous().numpy().tobytes())
+        digests = self.gather(digest.hexdigest())
+        if len(set(digests)) != 1:
+            raise RanksDiverged(f"{stage}: the {self.world_size} ranks ended with different weights: "
+                                f"{', '.join(d[:12] for d in digests)}")
+        if self.is_main:
+            print(f"{stage}: {self.describe()}, weights identical on every rank (sha256 {digests[0][:16]})")
+        return self.is_main
