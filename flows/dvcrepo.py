@@ -22,8 +22,9 @@ from tasks.atomic import write_text
 # line twice under Prefect, which also handles the root logger.
 logging.getLogger("dvc").propagate = False
 
-__all__ = ["LockError", "PushError", "StageNode", "check_push", "pipeline_stages", "push_results", "reproduce_stage",
-           "save_experiment", "set_params"]
+__all__ = ["LockError", "PushError", "StageNode", "cache_dir", "check_push", "pipeline_stages",
+           "push_experiment_ref", "push_results", "reproduce_stage", "save_experiment", "set_params",
+           "share_cache"]
 
 
 class PushError(QatflowError):
@@ -137,3 +138,28 @@ def push_results(root: Path, git_remote: str, experiment: str | None) -> str:
             raise PushError(f"push failed: git remote {git_remote!r} refused experiment {experiment!r} "
                             f"({refused}); the run's results are kept in the workspace")
         return f"experiment {experiment!r} to git remote {git_remote!r}, {result['uploaded']} file(s) to {where}"
+
+
+def cache_dir(root: Path) -> Path:
+    """The project's local DVC cache, as `dvc cache dir` prints it (wherever its config puts it)."""
+    with Repo(str(root)) as repo:
+        return Path(repo.cache.local_cache_dir)
+
+
+def share_cache(root: Path, cache: Path) -> None:
+    """`dvc cache dir --local CACHE`: this repo reads and writes another project's cache, so outputs
+    it already holds are checked out, not rebuilt, and what this repo makes lands there too."""
+    with Repo(str(root)) as repo, repo.config.edit("local") as config:
+        config["cache"]["dir"] = str(cache)
+
+
+def push_experiment_ref(root: Path, git_remote: str, experiment: str) -> None:
+    """`dvc exp push --no-cache GIT_REMOTE EXPERIMENT`: the experiment's git ref only, for a remote
+    that shares this repo's DVC cache. Raises PushError unless the remote took it (the CLI only
+    warns about a diverged name)."""
+    with Repo(str(root)) as repo:
+        result = repo.experiments.push(git_remote, [experiment], push_cache=False)
+    if experiment not in result.get("success", []) + result.get("up_to_date", []):
+        refused = {status: refs for status, refs in result.items() if status != "uploaded" and refs}
+        raise PushError(f"git remote {git_remote!r} did not take experiment {experiment!r} "
+                        f"({refused or 'not found'})")
