@@ -34,6 +34,16 @@ TINY_PARAMS = {
     "export": {"parity_samples": 40, "max_accuracy_drop": 100.0},
     "evaluate": {"latency_repeats": 3, "misclassified_shown": 9},
 }
+# For the tests that kill or cancel a run once it is into training and need nothing it would learn:
+# a narrow model on less data gets through an epoch (and saves its first checkpoint) in a fraction
+# of a second, not several, and far more epochs than any test waits for (no early stop) keep it
+# training whenever the test acts.
+KILLABLE_PARAMS = {
+    **TINY_PARAMS,
+    "data": {**TINY_PARAMS["data"], "max_samples": 300},
+    "train": {**TINY_PARAMS["train"], "epochs": 200, "patience": 200,
+              "model": {"widths": [8, 16], "dropout": 0.1}},
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,8 +67,19 @@ def dvc(*args: str, cwd: Path, env: dict | None = None) -> str:
     return run(sys.executable, "-m", "dvc", *args, cwd=cwd, env=env)
 
 
-def init_tiny_project(root: Path) -> dict:
-    """This project's code, dvc.yaml and TINY_PARAMS in a fresh git + DVC repo at `root`, with one
+def project_env() -> dict:
+    """The environment to run a tiny project's stages, DVC and git with."""
+    return {
+        **os.environ,
+        # dvc.yaml says `python`: make it this interpreter, whatever PATH the test runner has.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "qatflow tests", "GIT_AUTHOR_EMAIL": "tests@localhost",
+        "GIT_COMMITTER_NAME": "qatflow tests", "GIT_COMMITTER_EMAIL": "tests@localhost",
+    }
+
+
+def init_tiny_project(root: Path, params: dict = TINY_PARAMS) -> dict:
+    """This project's code, dvc.yaml and `params` in a fresh git + DVC repo at `root`, with one
     commit. Returns the environment to run its stages with."""
     shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
@@ -66,14 +87,8 @@ def init_tiny_project(root: Path) -> dict:
     # prepare depends on data/raw (where users put their own data); the builtin source needs none.
     (root / "data" / "raw").mkdir(parents=True)
     shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw" / "README.md")
-    write_params(root / "params.yaml", TINY_PARAMS)
-    env = {
-        **os.environ,
-        # dvc.yaml says `python`: make it this interpreter, whatever PATH the test runner has.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "qatflow tests", "GIT_AUTHOR_EMAIL": "tests@localhost",
-        "GIT_COMMITTER_NAME": "qatflow tests", "GIT_COMMITTER_EMAIL": "tests@localhost",
-    }
+    write_params(root / "params.yaml", params)
+    env = project_env()
     run("git", "init", "-q", "-b", "main", cwd=root, env=env)
     dvc("init", "-q", cwd=root, env=env)
     dvc("config", "core.analytics", "false", cwd=root, env=env)
@@ -86,6 +101,9 @@ def locked_outputs(project: Path) -> dict[str, str]:
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
+
+# The TensorBoard run name of repro_project's stages (runs/<stage>/<name>), tiny_workspace's too.
+REPRO_RUN_NAME = "e2e"
 
 # Outputs whose bytes depend on measured time; everything else must reproduce exactly.
 TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency"}
@@ -114,38 +132,54 @@ def dies_in_epoch(epoch: int) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def repro_project(tmp_path_factory):
-    """A tiny project that one real `dvc repro` ran through: (root, env, its output, the hashes of
-    its outputs right after). test_pipeline_e2e goes on to change it; test_flow compares a flow
-    run in another checkout against the hashes."""
+def _repro_run(tmp_path_factory):
+    """The one real `dvc repro` of the tiny project this session makes, and a copy of the project
+    made right after it, which no test changes."""
     root = tmp_path_factory.mktemp("project")
-    env = init_tiny_project(root) | {"QATFLOW_RUN_NAME": "e2e"}
+    env = init_tiny_project(root) | {"QATFLOW_RUN_NAME": REPRO_RUN_NAME}
     first = dvc("repro", cwd=root, env=env)
-    return root, env, first, locked_outputs(root)
+    pristine = tmp_path_factory.mktemp("reproduced") / "project"
+    shutil.copytree(root, pristine, symlinks=True)
+    return root, env, first, locked_outputs(root), pristine
 
 
 @pytest.fixture(scope="session")
-def tiny_workspace(tmp_path_factory: pytest.TempPathFactory):
-    """Every stage before evaluate run in-process once, on tiny params, for the stage tests."""
-    from tasks.export import export
-    from tasks.export_executorch import export_executorch
-    from tasks.export_onnx import export_onnx
+def repro_project(_repro_run):
+    """A tiny project that one real `dvc repro` ran through: (root, env, its output, the hashes of
+    its outputs right after). test_pipeline_e2e goes on to change it; test_flow compares a flow
+    run in another checkout against the hashes."""
+    return _repro_run[:4]
+
+
+@pytest.fixture(scope="session")
+def reproduced(_repro_run) -> Path:
+    """repro_project as `dvc repro` left it (git, DVC cache, dvc.lock, every output), whatever the
+    tests did to repro_project since: copy it (copy_reproduced), never change it."""
+    return _repro_run[4]
+
+
+def copy_reproduced(reproduced: Path, root: Path) -> dict:
+    """A checkout at `root` of the reproduced tiny project, up to date as `dvc repro` left it (DVC
+    hashes files, not paths); returns the environment to run it with."""
+    shutil.copytree(reproduced, root, symlinks=True)
+    return project_env()
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(reproduced, tmp_path_factory: pytest.TempPathFactory):
+    """Every stage before evaluate on tiny params, for the stage tests: the outputs (and TensorBoard
+    runs, named REPRO_RUN_NAME) of the session's one `dvc repro`, each stage a real `python -m
+    tasks.<stage>` in its own process, copied into a plain folder (no DVC project). The stages'
+    outputs repeat byte for byte (test_flow, test_faults), so this is what running them in-process
+    would write; evaluate's outputs are left out, for the tests that run it."""
     from tasks.params import parse_params
-    from tasks.prepare import prepare
-    from tasks.qat import qat
-    from tasks.qat_pt2e import qat_pt2e
-    from tasks.train import train
     from tasks.workspace import Workspace
 
     root = tmp_path_factory.mktemp("workspace")
-    os.environ["QATFLOW_RUN_NAME"] = "tiny"
-    params = parse_params(TINY_PARAMS)
-    workspace = Workspace(root)
-    prepare(params.data, params.prepare, workspace)
-    train(params.train, workspace)
-    qat(params.qat, workspace)
-    qat_pt2e(params.qat, workspace)
-    export(params.export, workspace)
-    export_onnx(params.export, workspace)
-    export_executorch(params.export, workspace)
-    return workspace, params
+    lock = yaml.safe_load((reproduced / "dvc.lock").read_text())["stages"]
+    copied = [out["path"] for stage, entry in lock.items() if stage != "evaluate" for out in entry.get("outs", [])]
+    for name in [*copied, "runs"]:
+        source, target = reproduced / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+    return Workspace(root), parse_params(TINY_PARAMS)

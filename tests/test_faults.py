@@ -17,6 +17,7 @@ import yaml
 
 from tasks.checkpoint import Checkpointing, TrainingState, fingerprint, resume
 from tasks.params import parse_params
+from tasks.prepare import prepare
 from tasks.qat import qat
 from tasks.train import train
 from tasks.workspace import Workspace
@@ -119,18 +120,23 @@ def test_qat_resumes_replaying_its_freeze_schedule(tiny_workspace, tmp_path):
     """BatchNorm frozen in epoch 0 is module state outside the state_dict: a run resumed after
     epoch 1 must freeze it again to end with the weights of an uninterrupted run."""
     workspace, _ = tiny_workspace
-    raw = {**TINY_PARAMS, "qat": {**TINY_PARAMS["qat"], "freeze_bn_epoch": 0}}
-    params = parse_params(raw).qat
+    # Less data than tiny_workspace's (the fp32 model is its): what is compared is two runs'
+    # bytes, not what they learn, and QAT's time goes with the samples.
+    raw = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "max_samples": 300},
+           "qat": {**TINY_PARAMS["qat"], "freeze_bn_epoch": 0}}
+    params = parse_params(raw)
     outputs = ["models/qat/qat_state.pt", "models/qat/ptq_state.pt", "metrics/qat.json",
                "plots/qat/history.csv"]
     whole = project_from(workspace, tmp_path / "whole", raw, "models/train/fp32_state.pt")
-    qat(params, whole)
+    shutil.rmtree(whole.prepared)
+    prepare(params.data, params.prepare, whole)
+    qat(params.qat, whole)
 
-    killed = project_from(workspace, tmp_path / "killed", raw, "models/train/fp32_state.pt")
+    killed = project_from(whole, tmp_path / "killed", raw, "models/train/fp32_state.pt")
     with dies_in_epoch(2):
-        qat(params, killed)
+        qat(params.qat, killed)
     assert not (killed.root / "models/qat").exists() and killed.qat_checkpoint.exists()
-    qat(params, killed)
+    qat(params.qat, killed)
     for name in outputs:
         assert (killed.root / name).read_bytes() == (whole.root / name).read_bytes(), name
     assert not killed.qat_checkpoint.exists() and not leftovers(killed.root)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from test_serve import prefect_env
 
-from conftest import init_tiny_project
+from conftest import KILLABLE_PARAMS, init_tiny_project
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
 
@@ -134,7 +134,7 @@ def test_killed_dvc_repro_leaves_no_stage_running(tmp_path, shell):
     if not (path := shutil.which(shell)):
         pytest.skip(f"no {shell}")
     project, log = tmp_path / "project", tmp_path / "dvc.log"
-    env = {**init_tiny_project(project), "SHELL": path}
+    env = {**init_tiny_project(project, KILLABLE_PARAMS), "SHELL": path}
     dvc = start([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, log=log)
     running = wait_for_training(dvc, project, log)
     (train,) = [pid for pid, (_, cmd) in running.items() if is_train(cmd)]
@@ -149,7 +149,7 @@ def test_killed_flow_leaves_no_stage_or_server_running(tmp_path):
     project, log = tmp_path / "project", tmp_path / "flow.log"
     # No PREFECT_API_URL: the flow starts its temporary server (in a fresh home, on 2 busy cores,
     # it can take longer than Prefect's default 20 s to come up).
-    env = prefect_env(tmp_path / "home", init_tiny_project(project),
+    env = prefect_env(tmp_path / "home", init_tiny_project(project, KILLABLE_PARAMS),
                       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     flow = start([sys.executable, "-m", "flows.pipeline", "--project-dir", str(project), "--no-experiment"],
                  cwd=project, env=env, log=log)

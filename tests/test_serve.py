@@ -4,6 +4,7 @@ tiny project in a temporary git repo; without a server, serve refuses to start."
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
-from conftest import REPO, init_tiny_project
+from conftest import KILLABLE_PARAMS, REPO, STAGES, copy_reproduced, dvc, init_tiny_project, write_params
 
 
 def prefect_env(home: Path, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
@@ -130,10 +132,15 @@ def runs_of(api: httpx.Client, deployment: str) -> list[dict]:
     return api.post("/flow_runs/filter", json=query).raise_for_status().json()
 
 
-def serve_until_training(url: str, name: str, tmp_path: Path):
-    """flows.serve of the tiny project, every 5 s, until a run is RUNNING and into training."""
-    project = tmp_path / "project"
-    env = prefect_env(tmp_path / "serve-home", init_tiny_project(project), PREFECT_API_URL=url)
+def task_runs_of(api: httpx.Client, flow_run: dict) -> list[dict]:
+    query = {"flow_runs": {"id": {"any_": [flow_run["id"]]}}}
+    return api.post("/task_runs/filter", json=query).raise_for_status().json()
+
+
+def serve_until_in_stage(url: str, name: str, tmp_path: Path, project: Path, env: dict[str, str], in_stage):
+    """flows.serve of the tiny project at `project`, every 5 s, until a run is RUNNING and
+    `in_stage(api, run)` says it is into the stage the test acts on."""
+    env = prefect_env(tmp_path / "serve-home", env, PREFECT_API_URL=url)
     log = tmp_path / "serve.log"
     serve = start([sys.executable, "-m", "flows.serve", "--interval", "5", "--name", name,
                    "--param", f"project_dir={project}"], cwd=project, env=env, log=log)
@@ -141,24 +148,48 @@ def serve_until_training(url: str, name: str, tmp_path: Path):
         with httpx.Client(base_url=url, timeout=10) as api:
             deadline = time.monotonic() + 240
             while not ((running := [r for r in runs_of(api, name) if r["state_type"] == "RUNNING"])
-                       and (project / "models" / "train" / "checkpoint.pt").exists()):
+                       and in_stage(api, running[0])):
                 assert serve.poll() is None, f"flows.serve exited:\n{tail(log)}"
-                assert time.monotonic() < deadline, f"no run in training after 240 s:\n{tail(log)}"
+                assert time.monotonic() < deadline, f"no run in its stage after 240 s:\n{tail(log)}"
                 time.sleep(0.2)
     except BaseException:
         stop(serve)
         raise
     (in_flight,) = running
+    return serve, log, in_flight
+
+
+def serve_until_training(url: str, name: str, tmp_path: Path):
+    """A fresh tiny project (KILLABLE_PARAMS) served until a run is RUNNING and into training."""
+    project = tmp_path / "project"
+    env = init_tiny_project(project, KILLABLE_PARAMS)
+    serve, log, in_flight = serve_until_in_stage(
+        url, name, tmp_path, project, env,
+        lambda api, run: (project / "models" / "train" / "checkpoint.pt").exists())
     return serve, log, project, in_flight
 
 
 @pytest.mark.e2e
-def test_served_pipeline_runs_on_schedule_and_sigterm_lets_the_run_finish(prefect_server, tmp_path):
+def test_served_pipeline_runs_on_schedule_and_sigterm_lets_the_run_finish(prefect_server, reproduced, tmp_path):
     """The schedule starts a run; a SIGTERM (systemd stopping the service, a deploy) then takes no
     new runs, lets the one in flight finish and record its real state, and exits (Prefect's own
-    serve would mark it CANCELLED); the schedule stays on for the next serve."""
+    serve would mark it CANCELLED); the schedule stays on for the next serve.
+
+    The project is a copy of the session's reproduced one with evaluate's params changed, so the
+    run has one stage to run (DVC finds the others up to date) and is in it at the SIGTERM."""
     url, name = prefect_server, "sigterm-test"
-    serve, log, project, in_flight = serve_until_training(url, name, tmp_path)
+    project = tmp_path / "project"
+    env = copy_reproduced(reproduced, project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"]["misclassified_shown"] = 4
+    write_params(project / "params.yaml", params)
+    shown = project / "plots" / "evaluate" / "misclassified.png"
+    before = shown.read_bytes()
+
+    def in_evaluate(api: httpx.Client, run: dict) -> bool:
+        return any(t["name"] == "evaluate" and t["state_type"] == "RUNNING" for t in task_runs_of(api, run))
+
+    serve, log, in_flight = serve_until_in_stage(url, name, tmp_path, project, env, in_evaluate)
     try:
         os.kill(serve.pid, signal.SIGTERM)  # serve alone, as `kill PID` or systemd's KillMode=mixed
         serve.wait(300)
@@ -166,6 +197,7 @@ def test_served_pipeline_runs_on_schedule_and_sigterm_lets_the_run_finish(prefec
         stop(serve)
     with httpx.Client(base_url=url, timeout=10) as api:
         run = api.get(f"/flow_runs/{in_flight['id']}").raise_for_status().json()
+        tasks = {t["name"]: t["state_name"] for t in task_runs_of(api, in_flight)}
         others = [r for r in runs_of(api, name) if r["id"] != in_flight["id"]]
         deployment = api.get(f"/deployments/name/qatflow-pipeline/{name}").raise_for_status().json()
 
@@ -175,7 +207,12 @@ def test_served_pipeline_runs_on_schedule_and_sigterm_lets_the_run_finish(prefec
     assert run["parameters"] == {"project_dir": str(project)}
     # pause_on_shutdown=False: stopping serve leaves the schedule on.
     assert not deployment["paused"] and all(s["active"] for s in deployment["schedules"])
-    assert (project / "models" / "int8.pt").stat().st_size > 0
+    # The stage in flight at the SIGTERM ran to the end: its outputs and dvc.lock are the new params'.
+    assert tasks == {**dict.fromkeys(STAGES, "Skipped"), "evaluate": "Completed"}, tasks
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["evaluate"]
+    assert lock["params"]["params.yaml"]["evaluate"]["misclassified_shown"] == 4
+    assert shown.read_bytes() != before  # 4 misclassified images shown, not 9
+    assert json.loads(dvc("status", "--json", cwd=project, env=env)) == {}
     experiments = subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=project,
                                  capture_output=True, text=True, check=True).stdout
     assert run["name"] in experiments, f"no DVC experiment named {run['name']}:\n{experiments}"
