@@ -62,8 +62,11 @@ setup: $(VENV)/.installed .dvc/config
 run: setup
 	$(BIN)/dvc repro
 
+# Whole test files per worker (--dist loadfile): a file's module fixtures (a flow run, a Prefect
+# server) are made once, and the session's one `dvc repro` is shared by all workers.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The same pipeline as a Prefect flow, saved as a DVC experiment (FLOW_ARGS="--set train.epochs=3").
 flow: setup

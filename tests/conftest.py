@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 from tasks.deprecations import TORCH_DEPRECATIONS
 
@@ -132,30 +134,39 @@ def dies_in_epoch(epoch: int) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def _repro_run(tmp_path_factory):
-    """The one real `dvc repro` of the tiny project this session makes, and a copy of the project
-    made right after it, which no test changes."""
-    root = tmp_path_factory.mktemp("project")
-    env = init_tiny_project(root) | {"QATFLOW_RUN_NAME": REPRO_RUN_NAME}
-    first = dvc("repro", cwd=root, env=env)
-    pristine = tmp_path_factory.mktemp("reproduced") / "project"
-    shutil.copytree(root, pristine, symlinks=True)
-    return root, env, first, locked_outputs(root), pristine
+def _repro_run(tmp_path_factory) -> tuple[Path, str, dict[str, str]]:
+    """The one real `dvc repro` of the tiny project a test run makes: (its folder, which no test
+    changes, dvc repro's output, the hashes of its outputs). Under pytest-xdist the first worker to
+    ask makes it in the folder all workers share, and the others wait for it and reuse it."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root, done = shared / "reproduced" / "project", shared / "reproduced.json"
+    with FileLock(shared / "reproduced.lock"):
+        if not done.exists():
+            env = init_tiny_project(root) | {"QATFLOW_RUN_NAME": REPRO_RUN_NAME}
+            first = dvc("repro", cwd=root, env=env)
+            done.write_text(json.dumps({"output": first, "outputs": locked_outputs(root)}))
+        made = json.loads(done.read_text())
+    return root, made["output"], made["outputs"]
 
 
 @pytest.fixture(scope="session")
-def repro_project(_repro_run):
-    """A tiny project that one real `dvc repro` ran through: (root, env, its output, the hashes of
-    its outputs right after). test_pipeline_e2e goes on to change it; test_flow compares a flow
-    run in another checkout against the hashes."""
-    return _repro_run[:4]
+def repro_project(_repro_run, tmp_path_factory):
+    """This worker's own copy of the tiny project that one real `dvc repro` ran through: (root,
+    env, dvc repro's output, the hashes of its outputs right after). test_pipeline_e2e goes on to
+    change it; test_flow compares a flow run in another checkout against the hashes."""
+    reproduced, first, outputs = _repro_run
+    root = tmp_path_factory.mktemp("repro") / "project"
+    env = copy_reproduced(reproduced, root) | {"QATFLOW_RUN_NAME": REPRO_RUN_NAME}
+    return root, env, first, outputs
 
 
 @pytest.fixture(scope="session")
 def reproduced(_repro_run) -> Path:
-    """repro_project as `dvc repro` left it (git, DVC cache, dvc.lock, every output), whatever the
-    tests did to repro_project since: copy it (copy_reproduced), never change it."""
-    return _repro_run[4]
+    """The tiny project as `dvc repro` left it (git, DVC cache, dvc.lock, every output), shared by
+    every test (and xdist worker): copy it (copy_reproduced), never change it."""
+    return _repro_run[0]
 
 
 def copy_reproduced(reproduced: Path, root: Path) -> dict:

@@ -106,11 +106,11 @@ def test_parity_script_stands_alone():
     assert "from tasks" not in source and "import tasks" not in source
 
 
-def test_exported_files_hold_no_paths_of_this_machine(tiny_workspace, repro_project):
+def test_exported_files_hold_no_paths_of_this_machine(tiny_workspace, reproduced):
     # Traced ops remember their Python stack; export drops that debug info so the same model
     # saved from any checkout has the same bytes (and the same DVC hash).
     workspace, _ = tiny_workspace
-    made_in = repro_project[0]  # the checkout whose `dvc repro` wrote tiny_workspace's files
+    made_in = reproduced  # the checkout whose `dvc repro` wrote tiny_workspace's files
     for path in (v.path(workspace) for v in EXPORTED.values()):
         data = path.read_bytes()
         assert str(made_in).encode() not in data and b"site-packages" not in data, path.name

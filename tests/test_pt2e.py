@@ -83,7 +83,7 @@ def test_freezing_batchnorm_and_observers_holds_across_train_and_eval():
     assert all(torch.equal(step()[k], settled[k]) for k in scales)
 
 
-def test_pte_passed_parity_and_gate_and_records_its_bytes(tiny_workspace, repro_project):
+def test_pte_passed_parity_and_gate_and_records_its_bytes(tiny_workspace, reproduced):
     workspace, params = tiny_workspace
     report = json.loads(workspace.metrics("export_executorch").read_text())
     pte = report["int8_pte"]
@@ -93,7 +93,7 @@ def test_pte_passed_parity_and_gate_and_records_its_bytes(tiny_workspace, repro_
     assert pte["size_bytes"] == len(data)
     assert pte["sha256"] == hashlib.sha256(data).hexdigest()
     assert report["gate"]["passed"] and report["gate"]["max_accuracy_drop"] == params.export.max_accuracy_drop
-    assert str(repro_project[0]).encode() not in data  # the checkout whose `dvc repro` wrote it
+    assert str(reproduced).encode() not in data  # the checkout whose `dvc repro` wrote it
 
 
 # Only ExecuTorch's runtime (which brings torch for its tensors) and numpy: the file says the rest.

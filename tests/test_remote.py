@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from flows import dvcrepo
-from conftest import dvc, init_tiny_project, run
+from conftest import copy_reproduced, dvc, init_tiny_project, run
 
 pytestmark = pytest.mark.e2e
 
@@ -67,16 +66,14 @@ def s3_endpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, repro_project):
-    """A copy of the tiny project `dvc repro` has run (outputs, DVC cache and git history, as the
-    end-to-end tests left them), its state committed, with a bare git repo as origin. A copy, not
+def source(tmp_path_factory, reproduced):
+    """A copy of the tiny project `dvc repro` has run (outputs, DVC cache and git history), its
+    state committed, with a bare git repo as origin. A copy, not
     a run of its own: a whole pipeline run costs a minute of the suite, and what is shared here is
     files, whichever run wrote them."""
     base = tmp_path_factory.mktemp("shared")
     root, origin = base / "source", base / "origin.git"
-    reference, env, _, _ = repro_project
-    shutil.copytree(reference, root, symlinks=True)
-    env = env | {"QATFLOW_RUN_NAME": "remote"}
+    env = copy_reproduced(reproduced, root) | {"QATFLOW_RUN_NAME": "remote"}
     assert stages_run(dvc("repro", cwd=root, env=env)) == []  # the copy is up to date as it stands
     run("git", "add", "-A", cwd=root, env=env)
     run("git", "commit", "-q", "--allow-empty", "-m", "reference run", cwd=root, env=env)

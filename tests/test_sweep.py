@@ -18,7 +18,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.sweep import SweepError, best_point, pareto_front, parse_grid, plan, run_sweep
 from tasks.errors import ParamsError
 
-from conftest import TINY_PARAMS, dvc, run, write_params
+from conftest import TINY_PARAMS, copy_reproduced, dvc, run, write_params
 
 
 def test_grid_specs_and_grid_file_make_the_cartesian_product(tmp_path):
@@ -92,13 +92,12 @@ def harness():
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, repro_project, harness):
+def project(tmp_path_factory, reproduced, harness):
     """A copy of the tiny project `dvc repro` ran (up to date: test_remote checks that), its state
     committed as a user's would be, so that each point's clone finds every output in the shared
     cache and runs only what its params change."""
     root = tmp_path_factory.mktemp("sweep") / "project"
-    reference, env, _, _ = repro_project
-    shutil.copytree(reference, root, symlinks=True)
+    env = copy_reproduced(reproduced, root)
     run("git", "add", "-A", cwd=root, env=env)
     run("git", "commit", "-q", "--allow-empty", "-m", "reference run", cwd=root, env=env)
     return root, env
