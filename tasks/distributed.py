@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,10 +78,10 @@ def under_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_ENV)
 
 
-def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
+def torchrun_command(nproc: int, module: str, args: list[str], log_dir: str) -> list[str]:
     """One machine, `nproc` workers, a free rendezvous port (--standalone)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", module, *args]
+            f"--nproc-per-node={nproc}", f"--log-dir={log_dir}", "-m", module, *args]
 
 
 @contextmanager
@@ -95,8 +96,11 @@ def processes(nproc: int, module: str, threads: int) -> Iterator[DataParallel | 
             env = {"OMP_NUM_THREADS": str(threads), **os.environ}
             # A child, not an exec: this process keeps dying with DVC (tasks/lifeline.py, which an
             # exec would lose behind a forking shell), and torchrun and its workers die with it.
-            launched = subprocess.run(torchrun_command(nproc, module, sys.argv[1:]), env=env,
-                                      preexec_fn=pdeathsig_preexec())
+            # torchrun keeps the workers' error files in its log dir, and without one makes a
+            # torchelastic_* folder in the temp dir that nothing ever removes.
+            with tempfile.TemporaryDirectory(prefix="qatflow-torchrun-") as log_dir:
+                launched = subprocess.run(torchrun_command(nproc, module, sys.argv[1:], log_dir),
+                                          env=env, preexec_fn=pdeathsig_preexec())
             sys.exit(launched.returncode)
         yield None
         return

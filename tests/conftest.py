@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -20,9 +21,11 @@ from tasks.deprecations import TORCH_DEPRECATIONS
 
 # No network here and no one asked for telemetry, also in subprocesses the tests start. Prefect
 # state goes to a throwaway home, never the user's ~/.prefect (set before prefect is imported).
+PREFECT_HOME = tempfile.mkdtemp(prefix="qatflow-prefect-")
+atexit.register(shutil.rmtree, PREFECT_HOME, ignore_errors=True)
 os.environ.update(
     DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", MPLBACKEND="Agg",
-    PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=tempfile.mkdtemp(prefix="qatflow-prefect-"),
+    PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=PREFECT_HOME,
 )
 
 REPO = Path(__file__).resolve().parents[1]

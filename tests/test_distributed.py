@@ -34,7 +34,9 @@ def ddp_params(**train) -> dict:
 
 
 def stage(root: Path, name: str = "train") -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "QATFLOW_RUN_NAME": "ddp"}
+    """The stage with a temp dir of its own, to see that nothing is left in it."""
+    (root / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QATFLOW_RUN_NAME": "ddp", "TMPDIR": str(root / "tmp")}
     return subprocess.Popen([sys.executable, "-m", f"tasks.{name}"], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -78,6 +80,8 @@ def test_two_processes_end_with_identical_weights_and_learn_like_one(ddp_workspa
     assert abs(metrics["val_accuracy"] - single["val_accuracy"]) <= 0.08, (metrics, single)
     assert not (root / "models/train/checkpoint.pt").exists()
     assert sorted(p.name for p in (root / "runs/train").iterdir()) == ["ddp"]
+    # torchrun's log dir went with it (torch's own inductor cache may stay: it is meant to).
+    assert not [p for p in (root / "tmp").iterdir() if p.name.startswith(("torchelastic_", "qatflow-"))]
 
 
 def descendants(pid: int) -> list[int]:
