@@ -43,7 +43,7 @@ from tasks.environment import cpu_name
 from tasks.errors import QatflowError
 from tasks.figures import tradeoff_figure
 from tasks.inference import predict_logits, time_calls
-from tasks.loop import FitConfig, fit, load_split, seed_everything
+from tasks.training.fit import FitConfig, fit, load_split, seed_everything
 from tasks.model import build_model, model_config
 from tasks.params import load_params
 from tasks.train import make_optimizer, make_scheduler
@@ -140,7 +140,7 @@ def time_rounds(root: Path, cpp: dict, threads: list[int], rounds: int, repeats:
 
 
 def train_overhead(workspace: Workspace, params_path: Path, rounds: int = 5) -> dict:
-    """One epoch of tasks.loop.fit as the train stage runs it (TensorBoard writer, progress bar,
+    """One epoch of tasks.training.fit.fit as the train stage runs it (TensorBoard writer, progress bar,
     deterministic mode, per-epoch validation, history, best-state copy) against a bare loop doing
     the same training *and* the same validation pass: fit validates every epoch, and leaving that
     out of the bare loop would book validation as pipeline overhead. ABBA order after a warm-up."""

@@ -26,7 +26,7 @@ from tasks.distributed import DataParallel
 # dvc.yaml and tasks/ sit side by side; the stage's data deps resolve against the workspace it
 # runs in, which in-process tests put elsewhere.
 PROJECT = Path(__file__).resolve().parents[1]
-CODE_DIR = "tasks/"
+CODE = ("tasks/", "nets")  # the project's code, and the user's nets
 
 
 @dataclass
@@ -101,7 +101,7 @@ def fingerprint(stage: str, params: BaseModel, workspace_root: Path, processes: 
     if processes > 1:
         entries["DDP processes"] = str(processes)
     for dep in stage_deps(stage):
-        base = PROJECT if dep.startswith(CODE_DIR) else workspace_root
+        base = PROJECT if dep.startswith(CODE) else workspace_root
         entries[dep] = files_digest([base / dep]) if (base / dep).exists() else "missing"
     entries["torch version"] = str(torch.__version__)  # a TorchVersion would not load weights_only
     return entries

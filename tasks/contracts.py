@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from tasks.errors import DataError
 
 SampleLayout = Literal["vectors", "sequences", "images"]
-Family = Literal["mlp", "cnn1d", "cnn2d"]
+# `package.module:callable`, e.g. nets.resnet:build or tasks.model:cnn2d
+NET_REFERENCE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
@@ -70,15 +71,14 @@ class PreparedMeta(Contract):
 
 
 class ModelConfig(Contract):
-    """What rebuilds a model: train resolves it from the prepared data and its params, and every
-    later stage rebuilds the model from the copy stored beside the weights."""
+    """What rebuilds a model (tasks/model.py): the `module:callable` that builds it and the
+    arguments it is called with. train resolves it from the prepared data and its params, and
+    every later stage rebuilds the model from the copy stored beside the weights."""
 
-    family: Family
+    net: Annotated[str, Field(pattern=NET_REFERENCE)]
     input_shape: list[PositiveInt] = Field(min_length=1, max_length=3)
     num_classes: Annotated[int, Field(ge=2)]
-    widths: list[PositiveInt] = Field(min_length=1)
-    convs_per_stage: Annotated[int, Field(ge=1)]
-    dropout: Annotated[float, Field(ge=0, lt=1)]
+    kwargs: dict[str, JsonValue]
 
 
 class ExportedMeta(Contract):

@@ -15,3 +15,7 @@ class DataError(QatflowError):
 
 class GateFailed(QatflowError):
     pass
+
+
+class ModelError(QatflowError):
+    """The user's net cannot be imported, built, or taken through a target."""

@@ -34,7 +34,7 @@ from tasks.errors import GateFailed
 from tasks.inference import Model, predict_logits
 from tasks.model import load_checkpoint
 from tasks.params import ExportParams, load_params
-from tasks.quantize import load_int8
+from tasks.quant.fx import load_int8
 from tasks.variants import DEPLOYED, EXPORTED, REFERENCE, Variant
 from tasks.workspace import Workspace, project_workspace
 

@@ -2,7 +2,7 @@
 
 models/int8.pte is qat_pt2e's converted program (models/qat_pt2e/int8.pt2) lowered to ExecuTorch's
 XNNPACK delegate: the quantized convolutions and linear layers run as XNNPACK's int8 kernels with
-the scales QAT learned. The batch dimension is dynamic up to tasks.pt2e.MAX_BATCH. A .pte has no
+the scales QAT learned. The batch dimension is dynamic up to tasks.quant.pt2e.MAX_BATCH. A .pte has no
 metadata slot, so the ExportedMeta JSON is a constant method of the program, qatflow_meta.
 
 A fresh `python -I` process that never imports qatflow (tasks/runtime_parity_check.py) runs the
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks import pt2e
+from tasks.quant import pt2e
 from tasks.atomic import staged_outputs
 from tasks.cli import run_stage
 from tasks.contracts import ExportedMeta, exported_meta_text, read_prepared_meta

@@ -40,7 +40,7 @@ from tasks.errors import GateFailed
 from tasks.export import parity, run_isolated
 from tasks.model import load_checkpoint
 from tasks.params import ExportParams, load_params
-from tasks.quantize import load_int8
+from tasks.quant.fx import load_int8
 from tasks.variants import ONNX_EXPORTED, VARIANTS
 from tasks.workspace import Workspace, project_workspace
 

@@ -28,6 +28,12 @@ def predict_logits(model: Model, x: torch.Tensor, batch_size: int = BATCH_SIZE,
     return torch.cat(out)
 
 
+def accuracy(model: Model, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy, rounded as metrics record it (6 digits). The caller sets eval mode: a
+    converted PT2E program has no eval() of its own."""
+    return round((predict_logits(model, x).argmax(1) == y).float().mean().item(), 6)
+
+
 def probabilities(logits: torch.Tensor) -> np.ndarray:
     # float64: calibration bins and 6-digit reports should not move with float32 rounding.
     return torch.softmax(logits.double(), dim=1).numpy()

@@ -1,20 +1,29 @@
-"""The classifier families, defined once. Train resolves a config from the prepared data's layout
-and params; later stages rebuild the model from the config stored beside the weights, so they never
-depend on params they do not own.
+"""The model registry: every model, built-in or the user's own, is a reference `module:callable`
+plus keyword arguments, built by one function (build_model). Train resolves the reference from its
+params and the prepared data; the resolved ModelConfig is stored beside the weights, so later
+stages rebuild the model from it and never depend on params they do not own.
 
-vectors (N, F) -> mlp, sequences (N, C, L) -> cnn1d, images (N, C, H, W) -> cnn2d. Each family is
+The callable is called with num_classes=K, with input_shape=[...] (the prepared sample shape)
+when its signature takes it, and with the kwargs; it returns an nn.Module that maps
+(N, *input_shape) float32 to (N, K) logits. The built-in families below are entries of the same
+registry: `family: cnn2d` is `tasks.model:cnn2d` with widths, convs_per_stage and dropout as its
+kwargs. vectors (N, F) -> mlp, sequences (N, C, L) -> cnn1d, images (N, C, H, W) -> cnn2d. Each is
 made of the patterns FX QAT fuses into int8 kernels: Linear-ReLU and Conv-BN-ReLU (1-D and 2-D).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from tasks.contracts import ModelConfig, parse
-from tasks.errors import ParamsError
+from tasks.contracts import ModelConfig, PreparedMeta, parse
+from tasks.errors import ModelError, ParamsError
 from tasks.params import ModelParams
 
 FAMILY_OF_LAYOUT = {"vectors": "mlp", "sequences": "cnn1d", "images": "cnn2d"}
@@ -24,6 +33,7 @@ READS = {  # the layouts each family can take; cnn1d reads a vector as a one-cha
     "cnn2d": ("images",),
 }
 DEFAULT_WIDTHS = {"mlp": [256, 128], "cnn1d": [32, 64, 128], "cnn2d": [32, 64, 128]}
+BUILTIN = {family: f"{__name__}:{family}" for family in READS}
 
 
 class MLP(nn.Module):
@@ -86,31 +96,104 @@ class ConvNet(nn.Module):
         return self.classifier(self.dropout(x))
 
 
-def model_config(layout: str, input_shape: list[int], num_classes: int, model: ModelParams) -> ModelConfig:
-    """The plain-data description of the model train builds, stored in its checkpoint."""
-    family = FAMILY_OF_LAYOUT[layout] if model.family == "auto" else model.family
-    if layout not in READS[family]:
-        fits = [f for f, layouts in READS.items() if layout in layouts]
+def mlp(num_classes: int, input_shape: list[int], widths: list[int] = DEFAULT_WIDTHS["mlp"],
+        dropout: float = 0.2) -> nn.Module:
+    return MLP(math.prod(input_shape), num_classes, widths, dropout)
+
+
+def cnn1d(num_classes: int, input_shape: list[int], widths: list[int] = DEFAULT_WIDTHS["cnn1d"],
+          convs_per_stage: int = 2, dropout: float = 0.2) -> nn.Module:
+    return ConvNet(1, input_shape, num_classes, widths, convs_per_stage, dropout)
+
+
+def cnn2d(num_classes: int, input_shape: list[int], widths: list[int] = DEFAULT_WIDTHS["cnn2d"],
+          convs_per_stage: int = 2, dropout: float = 0.2) -> nn.Module:
+    return ConvNet(2, input_shape, num_classes, widths, convs_per_stage, dropout)
+
+
+def resolve(model: ModelParams, meta: PreparedMeta) -> ModelConfig:
+    """The plain-data description of the model train builds, stored in its checkpoint: the
+    callable's reference and the keyword arguments it is called with."""
+    if ":" in model.family:
+        return ModelConfig(net=model.family, input_shape=list(meta.input_shape),
+                           num_classes=len(meta.class_names), kwargs=dict(model.kwargs))
+    family = FAMILY_OF_LAYOUT[meta.layout] if model.family == "auto" else model.family
+    if meta.layout not in READS[family]:
+        fits = [f for f, layouts in READS.items() if meta.layout in layouts]
         raise ParamsError(
-            f"train.model.family: {family} cannot read the prepared data, which is {layout} with "
-            f"sample shape {list(input_shape)} (data/prepared/meta.json); {family} needs "
+            f"train.model.family: {family} cannot read the prepared data, which is {meta.layout} "
+            f"with sample shape {list(meta.input_shape)} (data/prepared/meta.json); {family} needs "
             f"{' or '.join(READS[family])}. Use auto or one of: {', '.join(fits)}"
         )
-    return ModelConfig(
-        family=family,
-        input_shape=list(input_shape),
-        num_classes=num_classes,
-        widths=list(model.widths or DEFAULT_WIDTHS[family]),
-        convs_per_stage=model.convs_per_stage,
-        dropout=model.dropout,
-    )
+    kwargs = {"widths": list(model.widths or DEFAULT_WIDTHS[family]), "dropout": model.dropout}
+    if family != "mlp":
+        kwargs["convs_per_stage"] = model.convs_per_stage
+    return ModelConfig(net=BUILTIN[family], input_shape=list(meta.input_shape),
+                       num_classes=len(meta.class_names), kwargs=kwargs | dict(model.kwargs))
+
+
+def builder(reference: str) -> Callable[..., nn.Module]:
+    """The callable `module:callable` names, imported (nets/ is on the path: stages run from the
+    project root)."""
+    module_name, _, name = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # a user's file may fail to import in any way: say which and why
+        where = f" (nets/ is read from the project root: {Path.cwd() / 'nets'})" if module_name.startswith("nets") else ""
+        raise ModelError(f"{reference}: cannot import {module_name}: {type(exc).__name__}: {exc}{where}") from None
+    build = getattr(module, name, None)
+    if not callable(build):
+        raise ModelError(f"{reference}: {module_name} has no callable named {name!r}")
+    return build
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    if config.family == "mlp":
-        return MLP(math.prod(config.input_shape), config.num_classes, config.widths, config.dropout)
-    return ConvNet(1 if config.family == "cnn1d" else 2, config.input_shape, config.num_classes,
-                   config.widths, config.convs_per_stage, config.dropout)
+    build = builder(config.net)
+    kwargs = dict(config.kwargs)
+    try:
+        signature = inspect.signature(build)
+    except (TypeError, ValueError):
+        signature = None
+    takes = signature.parameters if signature else {}
+    if "input_shape" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        kwargs["input_shape"] = list(config.input_shape)
+    if signature is not None:
+        try:
+            signature.bind(num_classes=config.num_classes, **kwargs)
+        except TypeError as exc:
+            raise ModelError(f"{config.net}: cannot be called with num_classes and train.model.kwargs "
+                             f"{sorted(config.kwargs)}: {exc}") from None
+    try:
+        model = build(num_classes=config.num_classes, **kwargs)
+    except Exception as exc:  # the user's code: its own words, one line, naming the net
+        raise ModelError(f"{config.net}: building the model failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{config.net}: returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: Path, reference: str) -> None:
+    """Fine-tune from a local state_dict (or a checkpoint holding one under "state_dict"): the
+    keys and shapes must match the model's exactly, and a mismatch names the first few."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ParamsError(f"train.model.weights: {path}: file not found") from None
+    except Exception as exc:
+        raise ParamsError(f"train.model.weights: {path}: not a torch state_dict file ({exc})") from None
+    state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ParamsError(f"train.model.weights: {path}: holds no state_dict of tensors")
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} is {list(state[k].shape)}, the model's {list(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ParamsError(f"train.model.weights: {path} does not fit {reference}: "
+                          f"{'; '.join(problems[:3])}{more}")
+    model.load_state_dict(state)
 
 
 def stored_config(saved: dict, path) -> ModelConfig:

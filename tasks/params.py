@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
+from tasks.contracts import NET_REFERENCE
 from tasks.errors import ParamsError
 from tasks.readers import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -18,6 +19,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Threads = Annotated[int, Field(ge=1, le=256)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+BUILTIN_FAMILIES = ("mlp", "cnn1d", "cnn2d")  # tasks/model.py
 
 
 class Section(BaseModel):
@@ -61,13 +63,33 @@ class PrepareParams(Section):
     split: SplitFractions = SplitFractions()
 
 
+def _family(value: str) -> str:
+    if value != "auto" and value not in BUILTIN_FAMILIES and not re.fullmatch(NET_REFERENCE, value):
+        raise ValueError(f"must be auto, {', '.join(BUILTIN_FAMILIES)}, or your own net as "
+                         "module:callable, e.g. nets.resnet:build for nets/resnet.py")
+    return value
+
+
 class ModelParams(Section):
-    # auto: mlp for vectors, cnn1d for sequences, cnn2d for images (tasks/model.py).
-    family: Literal["auto", "mlp", "cnn1d", "cnn2d"] = "auto"
-    # Channels per conv stage (CNNs) or units per hidden layer (MLP); null: the family's default.
+    # auto | mlp | cnn1d | cnn2d (auto: mlp for vectors, cnn1d for sequences, cnn2d for images), or
+    # your own net as `module:callable`, e.g. nets.resnet:build for nets/resnet.py (tasks/model.py).
+    family: Annotated[str, AfterValidator(_family)] = "auto"
+    # The built-in families' shape: channels per conv stage (CNNs) or units per hidden layer (MLP);
+    # null: the family's default.
     widths: list[PositiveInt] | None = Field(default=None, min_length=1, max_length=6)
     convs_per_stage: Annotated[int, Field(ge=1, le=4)] = 2  # CNNs; the first stage has one
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    # Keyword arguments for the callable (plain YAML values); for a built-in family they override
+    # the three above.
+    kwargs: dict[str, JsonValue] = {}
+    # A local state_dict to fine-tune from, under data/raw/ or nets/ (both are train's DVC deps).
+    weights: Annotated[str, Field(pattern=r"^(data/raw|nets)/")] | None = None
+
+    @model_validator(mode="after")
+    def _weights_stay_inside(self) -> ModelParams:
+        if self.weights is not None and ".." in Path(self.weights).parts:
+            raise ValueError(f"weights must lie under data/raw/ or nets/, got {self.weights!r}")
+        return self
 
 
 class DistributedParams(Section):
@@ -94,6 +116,12 @@ class TrainParams(Section):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     augment_shift: Annotated[int, Field(ge=0, le=8)] = 2
     patience: PositiveInt = 6
+    # Where training runs (auto: CUDA when available) and in what precision (torch.autocast; fp16
+    # with a GradScaler, CUDA only); channels_last memory format for 2-D convolutional nets.
+    # Conversion, export, parity and evaluation always run on CPU. README: "Your own hardware".
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
     model: ModelParams = ModelParams()
     distributed: DistributedParams = DistributedParams()
 
@@ -116,6 +144,12 @@ class QatParams(Section):
     # no ranges to work with.
     freeze_observers_epoch: PositiveInt = 3
     ptq_calibration_batches: PositiveInt = 16
+    # Where training runs (auto: CUDA when available) and in what precision (torch.autocast; fp16
+    # with a GradScaler, CUDA only); channels_last memory format for 2-D convolutional nets.
+    # Conversion, export, parity and evaluation always run on CPU. README: "Your own hardware".
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
     distributed: DistributedParams = DistributedParams()  # both engines, qat and qat_pt2e
 
     @model_validator(mode="after")

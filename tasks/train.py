@@ -1,30 +1,27 @@
-"""Stage 2, train: fit the fp32 CNN with early stopping on validation accuracy.
+"""Stage 2, train: fit the fp32 model (a built-in family or your own net from nets/) with early
+stopping on validation accuracy.
 
-Writes models/train/fp32_state.pt (best epoch's weights + model config), metrics/train.json and
-plots/train/history.csv, all together once training has finished; TensorBoard logs go to
-runs/train/<run>. After every epoch it saves models/train/checkpoint.pt (not a DVC output), from
-which a killed run resumes; the checkpoint is removed once the outputs are published.
+Writes models/train/fp32_state.pt (best epoch's weights + the model config that rebuilds it),
+metrics/train.json and plots/train/history.csv, all together once training has finished;
+TensorBoard logs go to runs/train/<run>. Before any epoch, the preflight (tasks/preflight.py) takes
+the net through every target the pipeline builds and refuses one that cannot go. After every
+epoch it saves models/train/checkpoint.pt (not a DVC output), from which a killed run resumes; the
+checkpoint is removed once the outputs are published.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tasks.checkpoint import Checkpointing, TrainingState, fingerprint
 from tasks.cli import run_stage
-from tasks.distributed import DataParallel, processes, steps_per_epoch
+from tasks.distributed import DataParallel, processes
+from tasks.contracts import read_prepared_meta
 from tasks.environment import environment
-from tasks.loop import (
-    FitConfig,
-    fit,
-    load_stage_inputs,
-    log_run_summary,
-    publish_run,
-    seed_everything,
-    tensorboard,
-)
-from tasks.model import build_model, model_config, save_checkpoint
+from tasks.model import build_model, load_weights, resolve, save_checkpoint
 from tasks.params import TrainParams, load_params
+from tasks.preflight import preflight
+from tasks.training.fit import StageInputs
+from tasks.training.runner import Recipe, run_training
 from tasks.workspace import Workspace, project_workspace
 
 
@@ -47,30 +44,22 @@ def make_scheduler(params: TrainParams, optimizer, steps_per_epoch: int):
 
 
 def train(params: TrainParams, workspace: Workspace, parallel: DataParallel | None = None) -> dict | None:
-    """Under DDP (`parallel`), every rank trains; rank 0 alone goes on to write and returns the
-    metrics, the others None."""
-    generator = seed_everything(params.seed, params.threads)
-    inputs = load_stage_inputs(workspace)
-    meta, train_set = inputs.meta, inputs.train
-    config = model_config(meta.layout, meta.input_shape, len(meta.class_names), params.model)
-    model = build_model(config)
-    world = 1 if parallel is None else parallel.world_size
-    if parallel is not None:
-        generator = parallel.seed_rank(params.seed)
-    optimizer = make_optimizer(params, model)
-    scheduler = make_scheduler(params, optimizer, steps_per_epoch(len(train_set.y), params.batch_size, world))
-    training = TrainingState(model, optimizer, scheduler, generator)
-    resumable = Checkpointing(workspace.train_checkpoint,
-                              fingerprint("train", params, workspace.root, world))
-    fit_config = FitConfig("train", params.epochs, params.batch_size, params.augment_shift,
-                           params.label_smoothing, params.patience, seed=params.seed)
+    """Under DDP (`parallel`), every rank trains; rank 0 alone writes and returns the metrics."""
+    config = resolve(params.model, read_prepared_meta(workspace.prepared))
+    if parallel is None or parallel.is_main:
+        preflight(config)
 
-    with tensorboard(workspace, "train", parallel) as writer:
-        writer.add_graph(model.eval(), train_set.x[:1])
-        result = fit(training, train_set, inputs.val, fit_config, writer, resumable=resumable,
-                     parallel=parallel)
-        if parallel is not None and not parallel.writes_outputs("train", result.best_state):
-            return None
+    def build(inputs: StageInputs, generator: torch.Generator) -> torch.nn.Module:
+        model = build_model(config)
+        if params.model.weights is not None:
+            load_weights(model, workspace.root / params.model.weights, config.net)
+        return model
+
+    def optimize(model: torch.nn.Module, steps_per_epoch: int):
+        optimizer = make_optimizer(params, model)
+        return optimizer, make_scheduler(params, optimizer, steps_per_epoch)
+
+    def finish(model, result, inputs):
         best = result.history[result.best_epoch - 1]
         metrics = {
             "best_epoch": result.best_epoch,
@@ -82,23 +71,19 @@ def train(params: TrainParams, workspace: Workspace, parallel: DataParallel | No
             # so that `dvc exp show` and `dvc metrics diff` show where a run was made.
             "environment": environment(),
         }
-        hparams = params.model_dump(exclude={"model", "distributed"}) | {"processes": world,
-            "family": config.family, "widths": str(config.widths),
-            "convs_per_stage": config.convs_per_stage, "dropout": config.dropout,
-        }
-        log_run_summary(writer, result, meta.class_names, hparams, metrics,
-                        "train: validation, best epoch")
+        print(f"train: best epoch {result.best_epoch}/{len(result.history)}, val accuracy "
+              f"{best.val_accuracy:.4f}, {result.seconds:.1f}s")
+        return metrics, lambda out: out.write_with(workspace.train_model,
+                                                    lambda f: save_checkpoint(f, model, config))
 
-    model.load_state_dict(result.best_state)
-    publish_run(workspace, "train", result, metrics,
-                lambda out: out.write_with(workspace.train_model,
-                                           lambda f: save_checkpoint(f, model, config)),
-                resumable)
-    print(
-        f"train: best epoch {result.best_epoch}/{len(result.history)}, val accuracy "
-        f"{best.val_accuracy:.4f}, {result.seconds:.1f}s"
+    recipe = Recipe(
+        "train", params, build, optimize, finish, checkpoint=workspace.train_checkpoint,
+        augment_shift=params.augment_shift, patience=params.patience,
+        hparams=params.model_dump(exclude={"model", "distributed"}) | {
+            "net": config.net, "kwargs": str(config.kwargs)},
+        title="train: validation, best epoch",
     )
-    return metrics
+    return run_training(recipe, workspace, parallel)
 
 
 def main(args) -> None:

@@ -119,21 +119,21 @@ STAGES = ["prepare", "train", "qat", "qat_pt2e", "export", "export_onnx", "expor
 def dies_in_epoch(epoch: int) -> Iterator[None]:
     """Training inside raises KeyboardInterrupt in `epoch`, as a kill would, before that epoch is
     checkpointed; the block expects it."""
-    import tasks.loop
+    import tasks.training.fit
 
-    log_epoch = tasks.loop.log_epoch
+    log_epoch = tasks.training.fit.log_epoch
 
     def die(writer, model, record):
         if record.epoch == epoch:
             raise KeyboardInterrupt
         log_epoch(writer, model, record)
 
-    tasks.loop.log_epoch = die
+    tasks.training.fit.log_epoch = die
     try:
         with pytest.raises(KeyboardInterrupt):
             yield
     finally:
-        tasks.loop.log_epoch = log_epoch
+        tasks.training.fit.log_epoch = log_epoch
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from tasks.contracts import (
 )
 from tasks.errors import DataError
 from tasks.evaluate import evaluate
-from tasks import pt2e
+from tasks.quant import pt2e
 from tasks.export import EXPORTERS
 from tasks.export_executorch import pte_bytes
 from tasks.export_onnx import onnx_bytes

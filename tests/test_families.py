@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import pt2e
+from tasks.quant import pt2e
 from tasks.contracts import Normalization, PreparedMeta, prepared_meta_text
 from tasks.evaluate import evaluate
 from tasks.export import export

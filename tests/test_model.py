@@ -16,7 +16,7 @@ from tasks.errors import ParamsError
 from tasks.figures import misclassified_figure
 from tasks.model import build_model, model_config
 from tasks.params import ModelParams
-from tasks.quantize import convert, prepare
+from tasks.quant.fx import convert, prepare
 
 # The ConvNet every reference result was trained with, before there were families: its
 # state_dict (names in order, shapes) and parameter count, taken from that code.

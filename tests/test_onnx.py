@@ -26,7 +26,7 @@ from tasks.export_onnx import PARITY_SCRIPT, export_onnx, onnx_bytes
 from tasks.model import build_model, load_checkpoint, model_config, save_checkpoint
 from tasks.params import ExportParams, ModelParams
 from tasks.predict import predict
-from tasks.quantize import convert, load_int8, prepare, save_prepared
+from tasks.quant.fx import convert, load_int8, prepare, save_prepared
 from tasks.variants import ONNX_EXPORTED, VARIANTS
 from tasks.workspace import Workspace
 

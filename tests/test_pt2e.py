@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tasks.export_executorch
-from tasks import pt2e
+from tasks.quant import pt2e
 from tasks.contracts import ModelConfig, read_prepared_meta
 from tasks.deployed import PTE_MAX_BATCH, PteModel, read_meta
 from tasks.errors import DataError, GateFailed

@@ -2,9 +2,9 @@ import json
 
 import torch
 
-from tasks.loop import load_split
+from tasks.training.fit import load_split
 from tasks.model import load_checkpoint
-from tasks.quantize import load_int8
+from tasks.quant.fx import load_int8
 
 from conftest import REPRO_RUN_NAME
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tasks.errors import DataError
-from tasks.loop import load_split
+from tasks.training.fit import load_split
 from tasks.npyio import NpzWriter, StoredRows
 
 MB = 1 << 20

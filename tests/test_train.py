@@ -3,7 +3,7 @@ import json
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tasks.loop import history_csv, load_split
+from tasks.training.fit import history_csv, load_split
 from tasks.model import load_checkpoint
 from tasks.params import parse_params
 from tasks.train import train

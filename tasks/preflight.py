@@ -1,0 +1,5 @@
+"""PROVISIONAL placeholder: the preflight helper replaces it."""
+
+
+def preflight(config) -> None:
+    return None
