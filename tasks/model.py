@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.contracts import ModelConfig, PreparedMeta, parse
+from tasks.contracts import ModelConfig, parse
 from tasks.errors import ModelError, ParamsError
 from tasks.params import ModelParams
 
@@ -111,25 +111,26 @@ def cnn2d(num_classes: int, input_shape: list[int], widths: list[int] = DEFAULT_
     return ConvNet(2, input_shape, num_classes, widths, convs_per_stage, dropout)
 
 
-def resolve(model: ModelParams, meta: PreparedMeta) -> ModelConfig:
-    """The plain-data description of the model train builds, stored in its checkpoint: the
-    callable's reference and the keyword arguments it is called with."""
+def model_config(layout: str, input_shape: list[int], num_classes: int, model: ModelParams) -> ModelConfig:
+    """The plain-data description of the model train builds for the prepared data (its layout,
+    sample shape and classes), stored in its checkpoint: the callable's reference and the keyword
+    arguments it is called with."""
     if ":" in model.family:
-        return ModelConfig(net=model.family, input_shape=list(meta.input_shape),
-                           num_classes=len(meta.class_names), kwargs=dict(model.kwargs))
-    family = FAMILY_OF_LAYOUT[meta.layout] if model.family == "auto" else model.family
-    if meta.layout not in READS[family]:
-        fits = [f for f, layouts in READS.items() if meta.layout in layouts]
+        return ModelConfig(net=model.family, input_shape=list(input_shape), num_classes=num_classes,
+                           kwargs=dict(model.kwargs))
+    family = FAMILY_OF_LAYOUT[layout] if model.family == "auto" else model.family
+    if layout not in READS[family]:
+        fits = [f for f, layouts in READS.items() if layout in layouts]
         raise ParamsError(
-            f"train.model.family: {family} cannot read the prepared data, which is {meta.layout} "
-            f"with sample shape {list(meta.input_shape)} (data/prepared/meta.json); {family} needs "
+            f"train.model.family: {family} cannot read the prepared data, which is {layout} "
+            f"with sample shape {list(input_shape)} (data/prepared/meta.json); {family} needs "
             f"{' or '.join(READS[family])}. Use auto or one of: {', '.join(fits)}"
         )
     kwargs = {"widths": list(model.widths or DEFAULT_WIDTHS[family]), "dropout": model.dropout}
     if family != "mlp":
         kwargs["convs_per_stage"] = model.convs_per_stage
-    return ModelConfig(net=BUILTIN[family], input_shape=list(meta.input_shape),
-                       num_classes=len(meta.class_names), kwargs=kwargs | dict(model.kwargs))
+    return ModelConfig(net=BUILTIN[family], input_shape=list(input_shape), num_classes=num_classes,
+                       kwargs=kwargs | dict(model.kwargs))
 
 
 def builder(reference: str) -> Callable[..., nn.Module]:

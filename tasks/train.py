@@ -17,7 +17,7 @@ from tasks.cli import run_stage
 from tasks.distributed import DataParallel, processes
 from tasks.contracts import read_prepared_meta
 from tasks.environment import environment
-from tasks.model import build_model, load_weights, resolve, save_checkpoint
+from tasks.model import build_model, load_weights, model_config, save_checkpoint
 from tasks.params import TrainParams, load_params
 from tasks.preflight import preflight
 from tasks.training.fit import StageInputs
@@ -45,7 +45,8 @@ def make_scheduler(params: TrainParams, optimizer, steps_per_epoch: int):
 
 def train(params: TrainParams, workspace: Workspace, parallel: DataParallel | None = None) -> dict | None:
     """Under DDP (`parallel`), every rank trains; rank 0 alone writes and returns the metrics."""
-    config = resolve(params.model, read_prepared_meta(workspace.prepared))
+    meta = read_prepared_meta(workspace.prepared)
+    config = model_config(meta.layout, meta.input_shape, len(meta.class_names), params.model)
     if parallel is None or parallel.is_main:
         preflight(config)
 

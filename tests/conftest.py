@@ -86,7 +86,8 @@ def project_env() -> dict:
 def init_tiny_project(root: Path, params: dict = TINY_PARAMS) -> dict:
     """This project's code, dvc.yaml and `params` in a fresh git + DVC repo at `root`, with one
     commit. Returns the environment to run its stages with."""
-    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("tasks", "nets"):
+        shutil.copytree(REPO / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     # prepare depends on data/raw (where users put their own data); the builtin source needs none.

@@ -3,6 +3,8 @@ on tensors made here (no stage runs)."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,9 @@ from torch import nn
 
 from tasks.augment import random_shift
 from tasks.contracts import ModelConfig
-from tasks.errors import ParamsError
+from tasks.errors import ModelError, ParamsError
 from tasks.figures import misclassified_figure
-from tasks.model import build_model, model_config
+from tasks.model import build_model, load_weights, model_config
 from tasks.params import ModelParams
 from tasks.quant.fx import convert, prepare
 
@@ -49,8 +51,8 @@ def config(layout: str, shape: list[int], **model) -> ModelConfig:
 
 def test_default_cnn2d_is_the_reference_convnet():
     defaults = model_config("images", [1, 28, 28], 10, ModelParams())
-    assert defaults.model_dump() == {"family": "cnn2d", "input_shape": [1, 28, 28], "num_classes": 10,
-                                     "widths": [32, 64, 128], "convs_per_stage": 2, "dropout": 0.2}
+    assert defaults.model_dump() == {"net": "tasks.model:cnn2d", "input_shape": [1, 28, 28], "num_classes": 10,
+                                     "kwargs": {"widths": [32, 64, 128], "dropout": 0.2, "convs_per_stage": 2}}
     model = build_model(defaults)
     state = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
     assert state == expected_reference_state()
@@ -66,7 +68,7 @@ def test_default_cnn2d_is_the_reference_convnet():
 ])
 def test_family_follows_the_layout_and_classifies_any_batch(layout, shape, family, widths):
     resolved = config(layout, shape)
-    assert (resolved.family, resolved.widths) == (family, widths)
+    assert (resolved.net, resolved.kwargs["widths"]) == (f"tasks.model:{family}", widths)
     model = build_model(resolved).eval()
     for n in (1, 5):
         assert model(torch.randn(n, *shape)).shape == (n, 4)
@@ -205,3 +207,78 @@ def test_misclassified_figure_draws_each_layout(layout, samples):
 def test_misclassified_figure_says_when_nothing_is_wrong(layout, shape):
     fig = misclassified_figure(np.zeros(shape), [], "none wrong", layout)
     assert "No misclassified" in fig.texts[0].get_text()
+
+
+NET_FILE = '''
+import torch
+from torch import nn
+
+
+def build(num_classes, input_shape, width=8):
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), width),
+                         nn.ReLU(), nn.Linear(width, num_classes))
+
+
+def no_shape(num_classes, width=8):
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+def not_a_module(num_classes):
+    return "a string"
+'''
+
+
+@pytest.fixture
+def user_nets(tmp_path, monkeypatch):
+    """A nets/ package of the user's own in a project folder, imported from it as stages do."""
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "nets" / "__init__.py").write_text("")
+    (tmp_path / "nets" / "tiny.py").write_text(NET_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "nets" or m.startswith("nets.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return tmp_path
+
+
+def test_a_users_net_is_built_from_its_reference_with_shape_and_kwargs(user_nets):
+    resolved = config("images", [1, 6, 6], family="nets.tiny:build", kwargs={"width": 5})
+    assert resolved.model_dump() == {"net": "nets.tiny:build", "input_shape": [1, 6, 6], "num_classes": 4,
+                                     "kwargs": {"width": 5}}
+    model = build_model(resolved)
+    assert model[1].out_features == 5
+    assert model(torch.zeros(3, 1, 6, 6)).shape == (3, 4)
+    # input_shape is passed only to a callable that takes it.
+    assert build_model(config("images", [1, 6, 6], family="nets.tiny:no_shape"))(torch.zeros(2, 1, 6, 6)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("family, kwargs, message", [
+    ("nets.missing:build", {}, "nets.missing:build: cannot import nets.missing: ModuleNotFoundError"),
+    ("nets.tiny:nope", {}, "nets.tiny:nope: nets.tiny has no callable named 'nope'"),
+    ("nets.tiny:not_a_module", {}, "nets.tiny:not_a_module: returned str, not a torch.nn.Module"),
+    ("nets.tiny:build", {"depth": 3}, "nets.tiny:build: cannot be called with num_classes and train.model.kwargs ['depth']"),
+])
+def test_a_net_that_cannot_be_built_is_one_line_naming_it(user_nets, family, kwargs, message):
+    with pytest.raises(ModelError) as caught:
+        build_model(config("images", [1, 6, 6], family=family, kwargs=kwargs))
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_weights_fine_tune_from_a_state_dict_and_a_mismatch_names_the_first_keys(tmp_path):
+    resolved = config("vectors", [13], widths=[8])
+    source = build_model(resolved)
+    torch.save(source.state_dict(), tmp_path / "good.pt")
+    model = build_model(resolved)
+    load_weights(model, tmp_path / "good.pt", resolved.net)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+    other = build_model(config("vectors", [13], widths=[16]))
+    torch.save({"state_dict": other.state_dict(), "epoch": 3}, tmp_path / "wide.pt")
+    with pytest.raises(ParamsError) as caught:
+        load_weights(model, tmp_path / "wide.pt", resolved.net)
+    assert str(caught.value) == (
+        f"train.model.weights: {tmp_path / 'wide.pt'} does not fit tasks.model:mlp: hidden.0.weight is "
+        "[16, 13], the model's [8, 13]; hidden.0.bias is [16], the model's [8]; classifier.weight is "
+        "[4, 16], the model's [4, 8]")
+    (tmp_path / "junk.pt").write_bytes(b"not a file torch wrote")
+    with pytest.raises(ParamsError, match="junk.pt: not a torch state_dict file"):
+        load_weights(model, tmp_path / "junk.pt", resolved.net)

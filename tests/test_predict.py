@@ -114,8 +114,8 @@ def scripted_model(path: Path, input_shape: list[int], classes: int = 3, names: 
         variant="fp32_ts", class_names=[f"c{i}" for i in range(names or classes)], input_shape=input_shape,
         normalization=Normalization(scale=1.0, mean=[0.5] * input_shape[0], std=[2.0] * input_shape[0]),
         backend=None, torch_version=str(torch.__version__),
-        model=ModelConfig(family="mlp", input_shape=input_shape, num_classes=classes, widths=[classes],
-                          convs_per_stage=1, dropout=0.0))
+        model=ModelConfig(net="tasks.model:mlp", input_shape=input_shape, num_classes=classes,
+                          kwargs={"widths": [classes], "dropout": 0.0}))
     torch.jit.save(torch.jit.script(model), str(path), _extra_files={"meta.json": exported_meta_text(meta)})
     return path
 

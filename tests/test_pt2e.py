@@ -57,8 +57,8 @@ def test_qat_pt2e_writes_an_int8_program_and_qats_metrics(tiny_workspace):
 
 
 def test_freezing_batchnorm_and_observers_holds_across_train_and_eval():
-    config = ModelConfig(family="cnn2d", input_shape=[1, 8, 8], num_classes=3, widths=[4],
-                         convs_per_stage=1, dropout=0.0)
+    config = ModelConfig(net="tasks.model:cnn2d", input_shape=[1, 8, 8], num_classes=3,
+                         kwargs={"widths": [4], "convs_per_stage": 1, "dropout": 0.0})
     torch.manual_seed(0)
     x = torch.randn(16, 1, 8, 8)
     prepared = pt2e.prepare(build_model(config), x)
