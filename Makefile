@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup lock run test flow sweep server serve deploy worker cpp bench bench-orchestration bench-prepare bench-ddp bench-families tensorboard plots clean
+.PHONY: setup lock run test flow sweep server serve deploy worker cpp bench bench-orchestration bench-prepare bench-ddp bench-families bench-nets bench-train check-model gpu-check tensorboard plots clean
 .DEFAULT_GOAL := run
 
 CHECK_PYTHON := $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "qatflow needs Python 3.11, got " + sys.version'
@@ -123,6 +123,26 @@ bench-ddp: setup
 # Test accuracy of each model family on real data (digits, a tabular CSV, sequences) -> bench/families.json.
 bench-families: setup
 	$(BIN)/python -m bench.families $(BENCH_ARGS)
+
+# The example nets of nets/ through every stage and runtime on the built-in data -> bench/nets.json.
+bench-nets: setup
+	$(BIN)/python -m bench.nets $(BENCH_ARGS)
+
+# Training step speed of the default CNN in fp32, bf16, channels_last and both, side by side ->
+# bench/train_speed.json (BENCH_ARGS=--quick for seconds).
+bench-train: setup
+	$(BIN)/python -m bench.train_speed $(BENCH_ARGS)
+
+# Your net (train.model.family) through every target before any training: a table of ok / why not.
+# Needs data/prepared (`dvc repro prepare`) for the sample shape and classes.
+check-model: setup
+	$(BIN)/dvc repro prepare
+	$(BIN)/python -m tasks.preflight
+
+# On a CUDA machine: train and both QAT engines on the GPU on tiny data, export on CPU, beside a
+# CPU run (README: "Your own hardware").
+gpu-check: setup
+	$(BIN)/python -m bench.gpu_check $(BENCH_ARGS)
 
 tensorboard: setup
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1

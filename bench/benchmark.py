@@ -43,7 +43,8 @@ from tasks.environment import cpu_name
 from tasks.errors import QatflowError
 from tasks.figures import tradeoff_figure
 from tasks.inference import predict_logits, time_calls
-from tasks.training.fit import FitConfig, fit, load_split, seed_everything
+from tasks.training.fit import FitConfig, fit, load_split
+from tasks.training.runner import seed_everything
 from tasks.model import build_model, model_config
 from tasks.params import load_params
 from tasks.train import make_optimizer, make_scheduler

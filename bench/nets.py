@@ -1,0 +1,113 @@
+"""The example nets of nets/ through the whole pipeline on the built-in data: `make bench-nets`.
+
+Each net runs `dvc repro` (every stage, every runtime, the real deployment gate of
+export.max_accuracy_drop) in a throwaway git + DVC project made from this checkout, with
+`train.model.family` set to the net. Prints the test accuracy per runtime and writes
+bench/nets.json, from which `python -m bench.nets --table` prints the README's table.
+
+    python -m bench.nets [--epochs N] [nets.resnet:build ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).with_name("nets.json")
+NETS = ["nets.resnet:build", "nets.mobilenet:build"]
+# evaluate.json's variants, as the README names their runtimes.
+RUNTIMES = {
+    "fp32": "fp32 eager", "int8": "int8 QAT, TorchScript", "ptq": "int8 PTQ, TorchScript",
+    "int8_onnx": "int8 QAT, ONNX Runtime", "int8_pte": "int8 PT2E QAT, ExecuTorch",
+}
+
+
+def project(root: Path, net: str, epochs: int) -> dict:
+    """A git + DVC project at `root` with this checkout's code and the net's params."""
+    for code in ("tasks", "nets"):
+        shutil.copytree(ROOT / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, root / name)
+    (root / "data" / "raw").mkdir(parents=True)
+    shutil.copy(ROOT / "data" / "raw" / "README.md", root / "data" / "raw" / "README.md")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["model"] = {"family": net}
+    params["train"]["epochs"] = epochs
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                    ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+        subprocess.run(command, cwd=root, env=env, check=True)
+    return env
+
+
+def run(net: str, epochs: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="qatflow-bench-nets-") as tmp:
+        root = Path(tmp)
+        env = project(root, net, epochs)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env,
+                              capture_output=True, text=True)
+        seconds = round(time.perf_counter() - start, 1)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"{net}: dvc repro failed: {last}", file=sys.stderr)
+            return {"net": net, "passed": False, "error": last, "seconds": seconds}
+        evaluated = json.loads((root / "metrics" / "evaluate.json").read_text())
+        trained = json.loads((root / "metrics" / "train.json").read_text())
+        export = json.loads((root / "metrics" / "export.json").read_text())
+        return {
+            "net": net, "passed": True, "seconds": seconds, "epochs": epochs,
+            "parameters": trained["parameters"],
+            "accuracy": {name: evaluated[name]["accuracy"] for name in RUNTIMES},
+            "int8_accuracy_drop_pp": export["gate"]["accuracy_drop"],
+            "max_accuracy_drop_pp": export["gate"]["max_accuracy_drop"],
+            "int8_size_ratio": evaluated["size_ratio"],
+            "environment": trained["environment"],
+        }
+
+
+def table(results: list[dict]) -> str:
+    head = "| net | params | " + " | ".join(RUNTIMES.values()) + " | int8 drop (gate) |"
+    rows = [head, "|" + "---|" * (len(RUNTIMES) + 3)]
+    for r in results:
+        if not r["passed"]:
+            rows.append(f"| `{r['net']}` | | " + " | ".join("" for _ in RUNTIMES) + f" | failed: {r['error']} |")
+            continue
+        cells = " | ".join(f"{100 * r['accuracy'][name]:.1f}%" for name in RUNTIMES)
+        rows.append(f"| `{r['net']}` | {r['parameters']:,} | {cells} | "
+                    f"{r['int8_accuracy_drop_pp']:g} pp (≤ {r['max_accuracy_drop_pp']:g}) |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.nets", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("nets", nargs="*", default=NETS)
+    parser.add_argument("--epochs", type=int, default=10, help="train.epochs (default: %(default)s)")
+    parser.add_argument("--table", action="store_true", help="print the README table of bench/nets.json")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(RESULTS.read_text())["results"]))
+        return
+    results = [run(net, args.epochs) for net in args.nets]
+    RESULTS.write_text(json.dumps({"results": results}, indent=2) + "\n")
+    print(table(results))
+    if not all(r["passed"] for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
