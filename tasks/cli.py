@@ -14,6 +14,12 @@ from tasks.lifeline import die_with_dvc
 
 Configure = Callable[[argparse.ArgumentParser], None]
 
+
+def debugging() -> bool:
+    """Whether to show tracebacks (--debug, or QATFLOW_DEBUG=1)."""
+    return os.environ.get("QATFLOW_DEBUG") == "1"
+
+
 def run_command(
     name: str, main: Callable[[argparse.Namespace], Any], configure: Configure | None = None,
     prog: str | None = None,
@@ -28,7 +34,10 @@ def run_command(
     if configure:
         configure(parser)
     args = parser.parse_args()
-    debug = args.debug or os.environ.get("QATFLOW_DEBUG") == "1"
+    if args.debug:
+        # The processes this one starts (a DDP stage's torchrun and workers) show theirs too.
+        os.environ["QATFLOW_DEBUG"] = "1"
+    debug = debugging()
     silence_torch_deprecations()
     try:
         main(args)

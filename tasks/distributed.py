@@ -2,9 +2,14 @@
 
 `processes(nproc, module, threads)` is each stage's entry: with nproc 1 and no torchrun around it,
 it does nothing and the stage runs the single-process path it always had. With nproc > 1 it runs
-the stage again as `python -m torch.distributed.run --standalone --nproc-per-node N -m <module>`, so
-`dvc repro` and the Prefect flow run the same command as ever. Under torchrun (launched that way,
-or by hand on several nodes) it joins the process group and hands fit() a DataParallel.
+the stage again under torchrun, as `python -m tasks.distributed --standalone --nproc-per-node N -m
+<module>` (torchrun's own main, agent() below), so `dvc repro` and the Prefect flow run the same
+command as ever. Under torchrun (launched that way, or by hand on several nodes) it joins the
+process group and hands fit() a DataParallel.
+
+A failed worker ends the stage with one line, `<stage>: error: DDP rank R (pid P) ...`, naming the
+rank that failed first and why; --debug (QATFLOW_DEBUG=1) shows every traceback and torchrun's
+failure summary instead.
 
 What every rank holds stays identical: DDP broadcasts rank 0's weights at the start and averages
 gradients; BatchNorm buffers are broadcast from rank 0 before each validation, so every rank
@@ -21,11 +26,14 @@ and evaluation uses rank 0's running statistics. The backend is gloo: these stag
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,14 +42,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from tasks.cli import debugging
 from tasks.errors import QatflowError
 from tasks.lifeline import die_with_parent, pdeathsig_preexec
 
 # Set by torchrun for every worker it starts.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# In torchrun's --log-dir: agent() writes the failed worker's line there for the launcher.
+FAILURE_FILE = "failure.txt"
 
 
 class RanksDiverged(QatflowError):
@@ -70,7 +83,7 @@ def die_with_torchrun() -> None:
         launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
     except OSError:
         launcher = b""
-    if b"torch.distributed.run" not in launcher and b"torchrun" not in launcher:
+    if not any(name in launcher for name in (b"tasks.distributed", b"torch.distributed.run", b"torchrun")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -79,21 +92,75 @@ def under_torchrun() -> bool:
 
 
 def torchrun_command(nproc: int, module: str, args: list[str], log_dir: str) -> list[str]:
-    """One machine, `nproc` workers, a free rendezvous port (--standalone)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    """One machine, `nproc` workers, a free rendezvous port (--standalone), under agent()."""
+    return [sys.executable, "-m", "tasks.distributed", "--standalone",
             f"--nproc-per-node={nproc}", f"--log-dir={log_dir}", "-m", module, *args]
+
+
+def agent(argv: list[str]) -> None:
+    """torchrun with the command-line `argv`; a failed worker ends it with the failure's line in
+    FAILURE_FILE in its --log-dir and exit status 1, instead of torchrun's log and tracebacks."""
+    args = torchrun.parse_args(argv)
+    if not debugging():
+        # torchrun logs each failed or stopped worker as it goes; failure_line() says it once.
+        logging.disable(logging.CRITICAL)
+    try:
+        torchrun.run(args)
+    except ChildFailedError as failed:
+        if debugging():
+            print(failed, file=sys.stderr)
+        Path(args.log_dir, FAILURE_FILE).write_text(failure_line(failed))
+        sys.exit(1)
+
+
+def failure_line(failed: ChildFailedError) -> str:
+    """The failed worker that tells why, of those torchrun reports: it reports the ones it stopped
+    with SIGTERM too, and a rank that loses a peer raises an error of its own a moment later. So a
+    worker killed by another signal comes first, then one that exited without an error file, then
+    the first to write one (torchrun orders them by whole seconds), then the stopped ones."""
+    def order(item: tuple[int, ProcessFailure]) -> tuple[int, int]:
+        failure = item[1]
+        if failure.exitcode == -signal.SIGTERM:
+            return 3, 0
+        if failure.exitcode < 0:
+            return 0, 0
+        if not os.path.isfile(failure.error_file):
+            return 1, 0
+        return 2, os.stat(failure.error_file).st_mtime_ns
+
+    rank, failure = min(failed.failures.items(), key=order)
+    if failure.exitcode < 0:
+        cause = f"died: {failure.signal_name()}"
+    elif os.path.isfile(failure.error_file):
+        cause = f"failed: {failure.message}"
+    else:
+        cause = f"exited with status {failure.exitcode}"
+    return f"DDP rank {rank} (pid {failure.pid}) {cause}"
+
+
+def report_to_agent(exc: Exception) -> None:
+    """The worker's error file (torchrun sets its path), in the string form torchrun reads: the
+    message a QatflowError gives users, otherwise the exception's type and message."""
+    message = str(exc) if isinstance(exc, QatflowError) else f"{type(exc).__name__}: {exc}"
+    Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(
+        json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
 @contextmanager
 def processes(nproc: int, module: str, threads: int) -> Iterator[DataParallel | None]:
     """The stage's place in a DDP job: None for a single process; run again under torchrun
-    when `nproc` > 1 and not under it yet (this process then exits with torchrun's status). `threads` is each
-    process's intra-op thread count (the stage's `threads`)."""
+    when `nproc` > 1 and not under it yet (this process then exits with torchrun's status, or raises
+    a QatflowError that names the failed worker). `threads` is each process's intra-op thread count
+    (the stage's `threads`)."""
     if not under_torchrun():
         if nproc > 1:
             sys.stdout.flush()
             # torchrun would set 1 and say so; the stage sets its own count anyway.
             env = {"OMP_NUM_THREADS": str(threads), **os.environ}
+            # DVC runs this process, not the workers: they die with torchrun (die_with_torchrun),
+            # which dies with this process. DVC's lifeline would kill them at once, for torchrun
+            # starts them in sessions of their own, which it reads as orphaned.
+            env.pop("DVC_STAGE", None)
             # A child, not an exec: this process keeps dying with DVC (tasks/lifeline.py, which an
             # exec would lose behind a forking shell), and torchrun and its workers die with it.
             # torchrun keeps the workers' error files in its log dir, and without one makes a
@@ -101,6 +168,8 @@ def processes(nproc: int, module: str, threads: int) -> Iterator[DataParallel | 
             with tempfile.TemporaryDirectory(prefix="qatflow-torchrun-") as log_dir:
                 launched = subprocess.run(torchrun_command(nproc, module, sys.argv[1:], log_dir),
                                           env=env, preexec_fn=pdeathsig_preexec())
+                if launched.returncode and (failure := Path(log_dir, FAILURE_FILE)).exists():
+                    raise QatflowError(failure.read_text())
             sys.exit(launched.returncode)
         yield None
         return
@@ -108,6 +177,13 @@ def processes(nproc: int, module: str, threads: int) -> Iterator[DataParallel | 
     dist.init_process_group("gloo")
     try:
         yield DataParallel(dist.get_rank(), dist.get_world_size())
+    except Exception as exc:
+        if debugging() or "TORCHELASTIC_ERROR_FILE" not in os.environ:
+            raise
+        # The launcher says it in one line, once for the job; the ranks that lose this one as a
+        # peer fail too, and would each print a traceback.
+        report_to_agent(exc)
+        sys.exit(1)
     finally:
         dist.destroy_process_group()
 
@@ -190,3 +266,7 @@ class DataParallel:
         if self.is_main:
             print(f"{stage}: {self.describe()}, weights identical on every rank (sha256 {digests[0][:16]})")
         return self.is_main
+
+
+if __name__ == "__main__":
+    agent(sys.argv[1:])

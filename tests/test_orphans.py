@@ -127,17 +127,23 @@ def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subproc
 
 
 # bash execs a lone command, so the stage is DVC's child; dash (Debian's /bin/sh) forks, so the
-# stage's parent is a shell that outlives DVC.
+# stage's parent is a shell that outlives DVC. With 2 DDP processes, the stage is their launcher
+# and the workers, under torchrun, are not DVC's stages: they die with torchrun, which dies with it.
 @pytest.mark.e2e
-@pytest.mark.parametrize("shell", ["bash", "sh"])
-def test_killed_dvc_repro_leaves_no_stage_running(tmp_path, shell):
+@pytest.mark.parametrize("shell, nproc", [("bash", 1), ("sh", 1), ("sh", 2)])
+def test_killed_dvc_repro_leaves_no_stage_running(tmp_path, shell, nproc):
     if not (path := shutil.which(shell)):
         pytest.skip(f"no {shell}")
     project, log = tmp_path / "project", tmp_path / "dvc.log"
-    env = {**init_tiny_project(project, KILLABLE_PARAMS), "SHELL": path}
+    params = {**KILLABLE_PARAMS, "train": {**KILLABLE_PARAMS["train"], "threads": 1,
+                                           "distributed": {"nproc": nproc}}}
+    env = {**init_tiny_project(project, params), "SHELL": path}
     dvc = start([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, log=log)
     running = wait_for_training(dvc, project, log)
-    (train,) = [pid for pid, (_, cmd) in running.items() if is_train(cmd)]
+    # The workers run the stage's command too, under torchrun's agent, whose command ends with it.
+    trains = [pid for pid, (_, cmd) in running.items() if is_train(cmd) and "tasks.distributed" not in cmd]
+    (train,) = [pid for pid in trains if "tasks.distributed" not in cmdline(stat(pid)[1])]
+    assert len(trains) == (1 if nproc == 1 else 1 + nproc), running
     parent = stat(train)[1]  # DVC, or the shell it ran the command with
     assert parent == dvc.pid or (stat(parent)[1] == dvc.pid and cmdline(parent).startswith(path)), running
     kill_and_check(dvc, project, running)
