@@ -147,11 +147,12 @@ def report_to_agent(exc: Exception) -> None:
 
 
 @contextmanager
-def processes(nproc: int, module: str, threads: int) -> Iterator[DataParallel | None]:
+def processes(nproc: int, module: str, threads: int, device: str = "cpu") -> Iterator[DataParallel | None]:
     """The stage's place in a DDP job: None for a single process; run again under torchrun
     when `nproc` > 1 and not under it yet (this process then exits with torchrun's status, or raises
     a QatflowError that names the failed worker). `threads` is each process's intra-op thread count
-    (the stage's `threads`)."""
+    (the stage's `threads`). `device` is the stage's: on CUDA the ranks talk over NCCL, one GPU each
+    (torchrun's LOCAL_RANK), as gloo's CPU collectives would copy every gradient off the GPU."""
     if not under_torchrun():
         if nproc > 1:
             sys.stdout.flush()
@@ -174,9 +175,13 @@ def processes(nproc: int, module: str, threads: int) -> Iterator[DataParallel | 
         yield None
         return
     die_with_torchrun()
-    dist.init_process_group("gloo")
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if on_cuda else "gloo")
     try:
-        yield DataParallel(dist.get_rank(), dist.get_world_size())
+        yield DataParallel(dist.get_rank(), dist.get_world_size(),
+                           torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu"))
     except Exception as exc:
         if debugging() or "TORCHELASTIC_ERROR_FILE" not in os.environ:
             raise
@@ -199,6 +204,7 @@ def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
 class DataParallel:
     rank: int
     world_size: int
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL: the GPU)
 
     @property
     def is_main(self) -> bool:
@@ -231,7 +237,7 @@ class DataParallel:
         return torch.tensor(list(sampler))
 
     def sum(self, *values: float) -> list[float]:
-        total = torch.tensor(values, dtype=torch.float64)
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return total.tolist()
 

@@ -86,7 +86,8 @@ def qat(params: QatParams, workspace: Workspace, parallel: DataParallel | None =
 def main(args) -> None:
     """Quantization-aware fine-tuning (and a PTQ baseline) of the trained model."""
     params = load_params(args.params).qat
-    with processes(params.distributed.nproc, "tasks.qat", params.threads) as parallel:
+    with processes(params.distributed.nproc, "tasks.qat", params.threads,
+                   params.device) as parallel:
         qat(params, project_workspace(), parallel)
 
 

@@ -63,7 +63,8 @@ def qat_pt2e(params: QatParams, workspace: Workspace, parallel: DataParallel | N
 def main(args) -> None:
     """Quantization-aware fine-tuning of the trained model on torchao's PT2E flow (XNNPACK)."""
     params = load_params(args.params).qat
-    with processes(params.distributed.nproc, "tasks.qat_pt2e", params.threads) as parallel:
+    with processes(params.distributed.nproc, "tasks.qat_pt2e", params.threads,
+                   params.device) as parallel:
         qat_pt2e(params, project_workspace(), parallel)
 
 

@@ -90,7 +90,8 @@ def train(params: TrainParams, workspace: Workspace, parallel: DataParallel | No
 def main(args) -> None:
     """Train the fp32 model on data/prepared."""
     params = load_params(args.params).train
-    with processes(params.distributed.nproc, "tasks.train", params.threads) as parallel:
+    with processes(params.distributed.nproc, "tasks.train", params.threads,
+                   params.device) as parallel:
         train(params, project_workspace(), parallel)
 
 
