@@ -137,7 +137,7 @@ bench-train: setup
 # Needs data/prepared (`dvc repro prepare`) for the sample shape and classes.
 check-model: setup
 	$(BIN)/dvc repro prepare
-	$(BIN)/python -m tasks.preflight
+	$(BIN)/python -m tasks.preflight $(CHECK_ARGS)
 
 # On a CUDA machine: train and both QAT engines on the GPU on tiny data, export on CPU, beside a
 # CPU run (README: "Your own hardware").

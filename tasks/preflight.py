@@ -39,7 +39,7 @@ from tasks.contracts import PREPARED_META, ExportedMeta, ModelConfig, Normalizat
 from tasks.errors import DataError, ModelError
 from tasks.export import to_torchscript
 from tasks.export_onnx import onnx_bytes
-from tasks.model import build_model, resolve
+from tasks.model import build_model, model_config
 from tasks.params import load_params
 from tasks.quant import fx, pt2e
 from tasks.workspace import project_workspace
@@ -267,7 +267,8 @@ def main(args) -> None:
         raise DataError(f"{(workspace.prepared / PREPARED_META).relative_to(workspace.root)}: missing; "
                         "the preflight reads the sample shape and the classes from it: run "
                         "`dvc repro prepare` first")
-    config = resolve(params.train.model, read_prepared_meta(workspace.prepared))
+    meta = read_prepared_meta(workspace.prepared)
+    config = model_config(meta.layout, meta.input_shape, len(meta.class_names), params.train.model)
     started = time.perf_counter()
     results = check(config, params.qat.backend, args.target or TARGETS)
     Console().print(table(config, results))
