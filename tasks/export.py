@@ -34,6 +34,7 @@ from tasks.errors import GateFailed
 from tasks.inference import Model, predict_logits
 from tasks.model import load_checkpoint
 from tasks.params import ExportParams, load_params
+from tasks.quant.coverage import counted, fx_float_ops, say_float_ops
 from tasks.quant.fx import load_int8
 from tasks.variants import DEPLOYED, EXPORTED, REFERENCE, Variant
 from tasks.workspace import Workspace, project_workspace
@@ -166,6 +167,8 @@ def export(params: ExportParams, workspace: Workspace) -> dict:
             report[name]["size_bytes"] = len(payloads[name])
             # The exact bytes published: predict refuses a model file whose hash is not listed.
             report[name]["sha256"] = hashlib.sha256(payloads[name]).hexdigest()
+            if variant.precision == "int8":  # ops TorchScript runs in float ({}: none)
+                report[name]["float_ops"] = counted(fx_float_ops(module))
 
     failed = {name: r for name, r in report.items() if not r["passed"]}
     if failed:
@@ -185,6 +188,8 @@ def export(params: ExportParams, workspace: Workspace) -> dict:
     sizes = ", ".join(f"{name} {report[name]['size_bytes'] / 1024:.0f} KiB" for name in EXPORTED)
     print(f"export: parity passed for {', '.join(EXPORTED)} ({sizes}); int8 accuracy drop "
           f"{report['gate']['accuracy_drop']:g} pp (limit {params.max_accuracy_drop:g})")
+    say_float_ops("export", {n: r["float_ops"] for n, r in report.items() if "float_ops" in r},
+                  "TorchScript (FX, x86)")
     return report
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.quant import pt2e
 from tasks.atomic import staged_outputs
 from tasks.cli import run_stage
 from tasks.contracts import ExportedMeta, exported_meta_text, read_prepared_meta
@@ -36,6 +35,8 @@ from tasks.export import accuracy_gate, parity, run_isolated
 from tasks.inference import predict_logits
 from tasks.model import load_checkpoint
 from tasks.params import ExportParams, load_params
+from tasks.quant import pt2e
+from tasks.quant.coverage import counted, executorch_float_ops, say_float_ops
 from tasks.variants import EXECUTORCH_EXPORTED
 from tasks.workspace import Workspace, project_workspace
 
@@ -44,6 +45,11 @@ NAME, VARIANT = next(iter(EXECUTORCH_EXPORTED.items()))
 
 
 def pte_bytes(program: torch.export.ExportedProgram, example: torch.Tensor, meta: ExportedMeta) -> bytes:
+    return lower(program, example, meta).to_executorch().buffer
+
+
+def lower(program: torch.export.ExportedProgram, example: torch.Tensor, meta: ExportedMeta):
+    """The program lowered to XNNPACK (an EdgeProgramManager), with the metadata embedded."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -53,9 +59,8 @@ def pte_bytes(program: torch.export.ExportedProgram, example: torch.Tensor, meta
     program = torch.export.export(program.module(), (batch,), dynamic_shapes=(pt2e.batch_dim(),))
     with warnings.catch_warnings():  # executorch 1.5 on torch 2.13: pytree deprecation notices
         warnings.simplefilter("ignore", FutureWarning)
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
-                                              constant_methods={PTE_META_METHOD: exported_meta_text(meta)})
-        return lowered.to_executorch().buffer
+        return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                           constant_methods={PTE_META_METHOD: exported_meta_text(meta)})
 
 
 def export_executorch(params: ExportParams, workspace: Workspace) -> dict:
@@ -72,7 +77,9 @@ def export_executorch(params: ExportParams, workspace: Workspace) -> dict:
         normalization=prepared.normalization, backend=None, torch_version=str(torch.__version__),
         model=config,
     )
-    payload = pte_bytes(program, x_test, meta)
+    lowered = lower(program, x_test, meta)
+    float_ops = counted(executorch_float_ops(lowered))  # before to_executorch, which consumes it
+    payload = lowered.to_executorch().buffer
 
     with tempfile.TemporaryDirectory(prefix="qatflow-export-executorch-") as tmp:
         workdir = Path(tmp)
@@ -83,7 +90,9 @@ def export_executorch(params: ExportParams, workspace: Workspace) -> dict:
     reference = predict_logits(program.module(), x_test[: params.parity_samples]).numpy()
     report = {NAME: {"against": str(source.relative_to(workspace.root)),
                      **parity(VARIANT, reference, loaded, params),
-                     "size_bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
+                     "size_bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+                     # Ops ExecuTorch runs in float, outside XNNPACK's int8 kernels ({}: none).
+                     "float_ops": float_ops}}
     if not report[NAME]["passed"]:
         raise GateFailed(f"ExecuTorch parity check failed ({NAME} vs {report[NAME]['against']}: argmax "
                          f"agreement {report[NAME]['argmax_agreement']:.4f}); previous model left in place")
@@ -96,6 +105,7 @@ def export_executorch(params: ExportParams, workspace: Workspace) -> dict:
     print(f"export_executorch: parity passed: {NAME} {len(payload) / 1024:.0f} KiB (argmax agreement "
           f"{report[NAME]['argmax_agreement']:.4f}); accuracy drop {report['gate']['accuracy_drop']:g} pp "
           f"(limit {params.max_accuracy_drop:g})")
+    say_float_ops("export_executorch", {NAME: float_ops}, "ExecuTorch (XNNPACK)")
     return report
 
 

@@ -40,6 +40,7 @@ from tasks.errors import GateFailed
 from tasks.export import parity, run_isolated
 from tasks.model import load_checkpoint
 from tasks.params import ExportParams, load_params
+from tasks.quant.coverage import counted, onnx_float_ops, say_float_ops
 from tasks.quant.fx import load_int8
 from tasks.variants import ONNX_EXPORTED, VARIANTS
 from tasks.workspace import Workspace, project_workspace
@@ -141,6 +142,8 @@ def export_onnx(params: ExportParams, workspace: Workspace) -> dict:
                                      loaded[Path(variant.file).name], params)}
             report[name]["size_bytes"] = len(payloads[name])
             report[name]["sha256"] = hashlib.sha256(payloads[name]).hexdigest()
+            if variant.precision == "int8":  # ops ONNX Runtime runs in float ({}: none)
+                report[name]["float_ops"] = counted(onnx_float_ops(payloads[name]))
 
     failed = {name: r for name, r in report.items() if not r["passed"]}
     if failed:
@@ -158,6 +161,8 @@ def export_onnx(params: ExportParams, workspace: Workspace) -> dict:
     figures = ", ".join(f"{name} {r['size_bytes'] / 1024:.0f} KiB (max |diff| {r['max_abs_diff']:g}, "
                         f"argmax agreement {r['argmax_agreement']:.4f})" for name, r in report.items())
     print(f"export_onnx: parity passed: {figures}")
+    say_float_ops("export_onnx", {n: r["float_ops"] for n, r in report.items() if "float_ops" in r},
+                  "ONNX Runtime")
     return report
 
 

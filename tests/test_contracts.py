@@ -65,9 +65,10 @@ def test_a_hand_edited_prepared_meta_stops_the_next_stage_naming_the_field(tiny_
 def test_a_checkpoint_with_a_stale_config_is_refused(tiny_workspace, tmp_path):
     workspace, _ = tiny_workspace
     saved = torch.load(workspace.train_model, weights_only=True)
-    del saved["config"]["family"]  # as written before model families existed
+    saved["config"] = {"family": "cnn2d", "widths": [8], **saved["config"]}  # as written before nets/
+    del saved["config"]["net"]
     torch.save(saved, tmp_path / "old.pt")
-    with pytest.raises(DataError, match=r"old.pt: config: family: Field required"):
+    with pytest.raises(DataError, match=r"old.pt: config: net: Field required; family: unknown field"):
         load_checkpoint(tmp_path / "old.pt")
 
 

@@ -213,9 +213,8 @@ def test_a_forged_huge_png_is_refused_by_prepare_from_its_header(image_project):
 
 META = {"variant": "int8", "class_names": ["cat", "dog"], "input_shape": [1, 8, 8],
         "normalization": {"scale": 255.0, "mean": [0.5], "std": [0.25]}, "backend": None,
-        "torch_version": "2.0", "model": {"family": "cnn2d", "input_shape": [1, 8, 8],
-                                          "num_classes": 2, "widths": [4], "convs_per_stage": 1,
-                                          "dropout": 0.0}}
+        "torch_version": "2.0", "model": {"net": "tasks.model:cnn2d", "input_shape": [1, 8, 8],
+                                          "num_classes": 2, "kwargs": {"widths": [4]}}}
 
 
 def meta_only_model(path: Path, meta: object = META) -> Path:

@@ -1,6 +1,6 @@
 """The example nets in nets/ go through every target as int8, and tasks/quant/coverage.py names the
 ops that do not (tiny random inputs: these check structure, not accuracy; bench/nets_accuracy.py
-checks accuracy)."""
+and `make bench-nets` check accuracy; tests/test_nets_pipeline.py takes both through every stage)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nets import mobilenet, resnet
-from tasks import pt2e, quantize
+from tasks.quant import fx, pt2e
 from tasks.export_onnx import OPSET
 from tasks.quant.coverage import executorch_float_ops, fx_float_ops, onnx_float_ops
 
@@ -49,10 +49,10 @@ def images(n: int, shape=SHAPE) -> torch.Tensor:
 def fx_int8(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
     """FX QAT for x86 as the qat stage runs it: prepare, a few training steps' worth of forward
     passes (observers and BatchNorm statistics move), convert."""
-    prepared = quantize.prepare(model, "qat", "x86", x[:1])
+    prepared = fx.prepare(model, "qat", "x86", x[:1])
     for _ in range(3):
         prepared(x)
-    return quantize.convert(prepared)
+    return fx.convert(prepared)
 
 
 def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
@@ -135,12 +135,6 @@ def test_mobilenet_depthwise_se_pool_and_concat_stay_int8(net):
     assert len({(float(m.scale), int(m.zero_point)) for m in producers}) == 1
 
 
-def test_torch_export_keeps_the_batch_dynamic(net):
-    _, model, _ = net
-    program = torch.export.export(model.eval(), (images(2),), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    assert program.module()(images(5)).shape == (5, 7)
-
-
 def test_onnx_runtime_runs_the_int8_model_and_names_what_stays_float(net):
     name, _, int8 = net
     data = onnx_bytes(int8, images(1))
@@ -150,19 +144,6 @@ def test_onnx_runtime_runs_the_int8_model_and_names_what_stays_float(net):
     assert logits.shape == (6, 7)
     assert np.abs(logits - int8(x).numpy()).max() < 0.1  # one int8 step or so on each logit
     assert sorted(set(onnx_float_ops(data))) == ONNX_FLOAT[name]
-
-
-def test_pt2e_qat_converts_with_a_dynamic_batch(net):
-    name, model, _ = net
-    x = images(4)
-    prepared = pt2e.prepare(copy.deepcopy(model), x)
-    prepared(x)
-    program = pt2e.convert(prepared, x)
-    targets = collections.Counter(n.target for n in program.graph.nodes)
-    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    # Every conv and the linear layer got int8 weights (per output channel, as XNNPACK takes them).
-    assert targets[torch.ops.quantized_decomposed.dequantize_per_channel.default] == convs + 1
-    assert program.module()(images(3)).shape == (3, 7)
 
 
 def test_coverage_names_the_op_that_falls_back_on_each_runtime():

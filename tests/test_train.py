@@ -15,7 +15,7 @@ from conftest import REPRO_RUN_NAME, TINY_PARAMS
 def test_train_writes_checkpoint_history_and_metrics(tiny_workspace):
     workspace, params = tiny_workspace
     model, config = load_checkpoint(workspace.train_model)
-    assert config.widths == [32, 64] and config.num_classes == 10
+    assert config.kwargs["widths"] == [32, 64] and config.num_classes == 10
     metrics = json.loads(workspace.metrics("train").read_text())
     assert metrics["epochs_run"] == params.train.epochs
     assert 0.5 < metrics["val_accuracy"] <= 1.0  # three epochs on 700 images already learn digits

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -51,6 +52,19 @@ _ET_SHAPE_OPS = {"view_copy", "_to_dim_order_copy", "_clone_dim_order", "clone",
                  "squeeze_copy", "unsqueeze_copy", "permute_copy", "expand_copy", "getitem"}
 # XNNPACK fuses these into the int8 op before them (its output clamp).
 _ET_FUSED_ACTIVATIONS = {"relu", "hardtanh", "clamp"}
+
+
+def counted(ops: list[str]) -> dict[str, int]:
+    """How an export report records them: {op: how many}, by name."""
+    return dict(sorted(Counter(ops).items()))
+
+
+def say_float_ops(stage: str, float_ops: dict[str, dict[str, int]], runtime: str) -> None:
+    """One line per variant that runs some ops in float on `runtime`, naming them."""
+    for variant, ops in float_ops.items():
+        if ops:
+            named = ", ".join(f"{op} x{count}" for op, count in ops.items())
+            print(f"{stage}: {variant} runs these ops in float on {runtime}, not as int8 kernels: {named}")
 
 
 def fx_float_ops(converted: torch.fx.GraphModule) -> list[str]:

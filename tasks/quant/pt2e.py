@@ -11,6 +11,7 @@ that every switch to training re-applies.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import types
 from collections.abc import Iterator
@@ -20,6 +21,14 @@ from unittest import mock
 # torchao's CUDA-only kernels (mxfp8, cutlass) cannot load from the CPU wheel and say so on every
 # import; nothing here uses them.
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+# Skipping them on purpose, torchao still warns that it skips them, on stderr of every stage that
+# imports this module (train does, for its preflight): a stage's stderr is for its errors.
+logging.getLogger("torchao").addFilter(
+    lambda record: not record.getMessage().startswith("Skipping import of cpp extensions due to "
+                                                      "TORCHAO_FORCE_SKIP_LOADING_SO_FILES"))
+# torchao 0.18 registers an Enum as a pytree constant, which torch 2.13 deprecates, once per import.
+logging.getLogger("torch.utils._pytree").addFilter(
+    lambda record: "is an Enum subclass and is now natively supported" not in record.getMessage())
 
 import torch  # noqa: E402
 from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (  # noqa: E402
