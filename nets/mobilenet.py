@@ -113,6 +113,8 @@ class MobileNet(nn.Module):
         return self.classifier(torch.flatten(features, 1))
 
 
-def build(num_classes: int, input_shape: Sequence[int], **kwargs) -> MobileNet:
-    """The registry's entry point: kwargs are MobileNet's (blocks, stem_width, head_width)."""
-    return MobileNet(num_classes, input_shape, **kwargs)
+def build(num_classes: int, input_shape: Sequence[int], blocks: Sequence[Block] = DEFAULT_BLOCKS,
+          stem_width: int = 16, head_width: int = 128) -> MobileNet:
+    """The registry's entry point; train.model.kwargs may set blocks (a list of [kernel, expanded,
+    out, se, hardswish, stride]), stem_width and head_width."""
+    return MobileNet(num_classes, input_shape, [tuple(block) for block in blocks], stem_width, head_width)

@@ -66,6 +66,7 @@ class ResNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
 
 
-def build(num_classes: int, input_shape: Sequence[int], **kwargs) -> ResNet:
-    """The registry's entry point: kwargs are ResNet's (widths, blocks)."""
-    return ResNet(num_classes, input_shape, **kwargs)
+def build(num_classes: int, input_shape: Sequence[int], widths: Sequence[int] = (32, 64, 128),
+          blocks: Sequence[int] = (1, 1, 1)) -> ResNet:
+    """The registry's entry point; train.model.kwargs may set widths and blocks (per stage)."""
+    return ResNet(num_classes, input_shape, widths, blocks)

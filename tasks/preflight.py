@@ -75,11 +75,8 @@ def check(config: ModelConfig, backend: str = "x86", targets: Iterable[str] = TA
     wanted = set(targets)
     engine = torch.backends.quantized.engine  # FX prepare sets it process-wide
     # Seeded for repeatable random weights, without moving the caller's RNG (train draws next).
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        # A trace that meets Python control flow on a tensor's value bakes in the branch it saw
-        # and says so only in this warning: the exported file would be wrong for other inputs.
-        warnings.simplefilter("error", torch.jit.TracerWarning)
         example = torch.randn(BATCH, *config.input_shape)
         try:
             results = [_timed("model", lambda: _check_output(config, example))]
@@ -128,12 +125,31 @@ def refusal_message(config: ModelConfig, results: list[TargetCheck]) -> str | No
 def _timed(target: str, step: Callable[[], None]) -> TargetCheck:
     started = time.perf_counter()
     try:
-        step()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
+            step()
     except ModelError:  # not importable or not buildable: no target can say more than that
         raise
     except Exception as exc:  # the user's net may fail in any way: each target says its own
         return TargetCheck(target, False, one_line(exc), time.perf_counter() - started)
-    return TargetCheck(target, True, "", time.perf_counter() - started)
+    baked = _traced_branch(seen)
+    return TargetCheck(target, not baked, baked, time.perf_counter() - started)
+
+
+def _traced_branch(seen: list[warnings.WarningMessage]) -> str:
+    """A trace that meets Python control flow on a tensor's value in the user's code bakes in the
+    branch it saw and says so only in a TracerWarning: the exported file would be wrong for other
+    inputs. The same warning from torch's own code (a quantized op reading its scale as a float)
+    is about constants and harmless."""
+    for warning in seen:
+        if (issubclass(warning.category, torch.jit.TracerWarning)
+                and not os.path.realpath(warning.filename).startswith(LIBRARY_DIRS)):
+            message = str(warning.message).split(". ")[0]
+            path = Path(warning.filename)
+            shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path.name
+            code = linecache.getline(warning.filename, warning.lineno).strip()[:CODE_CHARS]
+            return f"TracerWarning: {message} ({shown}:{warning.lineno}: {code})"
+    return ""
 
 
 def _check_output(config: ModelConfig, example: torch.Tensor) -> None:
@@ -188,8 +204,12 @@ def _onnx(config: ModelConfig, backend: str, example: torch.Tensor, made: dict) 
                 if module is None:
                     module = _fx_int8(config, backend, example)
                 torch.backends.quantized.engine = backend
-            payload = onnx_bytes(module, example, ExportedMeta(
-                variant=variant, backend=None if variant == "fp32" else backend, **meta))
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always", torch.jit.TracerWarning)
+                payload = onnx_bytes(module, example, ExportedMeta(
+                    variant=variant, backend=None if variant == "fp32" else backend, **meta))
+            if baked := _traced_branch(seen):
+                raise _Refused(baked)
             session = onnxruntime.InferenceSession(payload, providers=["CPUExecutionProvider"])
             (logits,) = session.run(None, {"input": example.numpy()})
             expected = [BATCH, config.num_classes]
