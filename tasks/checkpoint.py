@@ -108,8 +108,12 @@ def fingerprint(stage: str, params: BaseModel, workspace_root: Path, processes: 
 
 
 def _random_state(training: TrainingState) -> dict[str, torch.Tensor]:
-    # Dropout draws from the global generator, shuffling and augmentation from the loop's.
-    return {"torch_rng": torch.get_rng_state(), "generator": training.generator.get_state()}
+    # Dropout draws from the global generator (on CUDA, the device's), shuffling and augmentation
+    # from the loop's.
+    state = {"torch_rng": torch.get_rng_state(), "generator": training.generator.get_state()}
+    if torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
 
 
 def save(checkpoint: Checkpointing, loop: LoopState, training: TrainingState,
@@ -155,6 +159,8 @@ def resume(checkpoint: Checkpointing, stage: str, training: TrainingState,
     if training.scheduler is not None:
         training.scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
+    if "cuda_rng" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda_rng"])
     training.generator.set_state(saved["generator"])
     best = saved["best"]
     loop = LoopState(
