@@ -128,8 +128,8 @@ bench-families: setup
 bench-nets: setup
 	$(BIN)/python -m bench.nets $(BENCH_ARGS)
 
-# Training step speed of the default CNN in fp32, bf16, channels_last and both, side by side ->
-# bench/train_speed.json (BENCH_ARGS=--quick for seconds).
+# Training samples/s of the default CNN in fp32, bf16, channels_last and both, side by side, with
+# accuracy and bitwise repeatability per mode -> bench/train_speed.json (BENCH_ARGS=--quick).
 bench-train: setup
 	$(BIN)/python -m bench.train_speed $(BENCH_ARGS)
 
@@ -139,10 +139,10 @@ check-model: setup
 	$(BIN)/dvc repro prepare
 	$(BIN)/python -m tasks.preflight $(CHECK_ARGS)
 
-# On a CUDA machine: train and both QAT engines on the GPU on tiny data, export on CPU, beside a
-# CPU run (README: "Your own hardware").
-gpu-check: setup
-	$(BIN)/python -m bench.gpu_check $(BENCH_ARGS)
+# On a CUDA machine, with the python that has its CUDA torch (PYTHON=..., no venv): train and both
+# QAT engines on the GPU on tiny data, export on CPU, beside a CPU run (GPU_CHECK_ARGS="--precision bf16").
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 tensorboard: setup
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1

@@ -131,6 +131,13 @@ class TrainParams(Section):
         return self
 
 
+def _qat_precision(value: str) -> str:
+    if value != "fp32":
+        raise ValueError("must be fp32: fake-quant kernels take float32 only (bf16 and fp16 "
+                         "autocast fail in QAT's first forward pass); train.precision may be bf16")
+    return value
+
+
 class QatParams(Section):
     seed: NonNegativeInt = 0
     threads: Threads = 2
@@ -144,11 +151,11 @@ class QatParams(Section):
     # no ranges to work with.
     freeze_observers_epoch: PositiveInt = 3
     ptq_calibration_batches: PositiveInt = 16
-    # Where training runs (auto: CUDA when available) and in what precision (torch.autocast; fp16
-    # with a GradScaler, CUDA only); channels_last memory format for 2-D convolutional nets.
-    # Conversion, export, parity and evaluation always run on CPU. README: "Your own hardware".
+    # Where fake-quant fine-tuning runs (auto: CUDA when available), and channels_last as train's.
+    # Precision stays fp32: torch 2.13's fake-quant kernels take float32 only, and bf16/fp16
+    # autocast hands them bf16/fp16 activations ("expected scalar type Float but found BFloat16").
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Annotated[str, AfterValidator(_qat_precision)] = "fp32"
     channels_last: bool = False
     distributed: DistributedParams = DistributedParams()  # both engines, qat and qat_pt2e
 

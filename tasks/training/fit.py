@@ -8,8 +8,7 @@ import copy
 import csv
 import io
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from tasks.distributed import DataParallel
 from tasks.inference import predict_logits
 from tasks.npyio import NpyStream, StoredRows
 from tasks.scores import confusion_matrix
-from tasks.training.device import Hardware
+from tasks.training.device import Hardware, cpu_state
 from tasks.workspace import Workspace
 
 CPU = Hardware.of("cpu", "fp32", False)
@@ -75,17 +74,6 @@ def load_stage_inputs(workspace: Workspace) -> StageInputs:
     return StageInputs(meta, load_split(workspace.prepared, "train"), load_split(workspace.prepared, "val"))
 
 
-@contextmanager
-def deterministic_algorithms() -> Iterator[None]:
-    # Only around training: int8 inference raises under deterministic mode (quantized_resize_cpu_).
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 @dataclass(frozen=True)
 class FitConfig:
     stage: str  # names the run in messages and TensorBoard
@@ -105,10 +93,6 @@ class FitResult:
     best_state: dict[str, torch.Tensor]  # on the CPU, whatever the device trained on
     val_confusion: np.ndarray  # of the best model
     seconds: float
-
-
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
 
 
 def fit(training: TrainingState, train: Samples, val: Samples, config: FitConfig, writer: SummaryWriter,
@@ -138,7 +122,7 @@ def fit(training: TrainingState, train: Samples, val: Samples, config: FitConfig
     start = time.perf_counter()
     with Progress(TextColumn(f"{stage} epoch {{task.fields[epoch]}}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
-                  disable=not shows) as progress, deterministic_algorithms():
+                  disable=not shows) as progress, config.hardware.deterministic():
         for epoch in range(len(state.history), epochs if not state.stopped else 0):
             if on_epoch_start:
                 on_epoch_start(model, epoch)
