@@ -107,7 +107,7 @@ def test_family_runs_the_whole_pipeline(tmp_path, monkeypatch, layout, make, fam
     executorch_report = export_executorch(params.export, project)
     metrics = evaluate(params.evaluate, project)
 
-    assert torch.load(project.train_model, weights_only=True)["config"]["family"] == expected
+    assert torch.load(project.train_model, weights_only=True)["config"]["net"] == f"tasks.model:{expected}"
     assert all(r["passed"] for r in report.values()), report  # in a fresh interpreter
     assert all(r["passed"] for r in onnx_report.values()), onnx_report  # ONNX Runtime, likewise
     assert all(r["passed"] for r in executorch_report.values()), executorch_report  # and ExecuTorch
