@@ -62,7 +62,9 @@ def run(net: str, epochs: int) -> dict:
                               capture_output=True, text=True)
         seconds = round(time.perf_counter() - start, 1)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            # The stage's own one-line error, not DVC's "failed to reproduce" after it.
+            lines = done.stderr.strip().splitlines() or ["(no output)"]
+            last = next((line for line in lines if ": error: " in line), lines[-1])
             print(f"{net}: dvc repro failed: {last}", file=sys.stderr)
             return {"net": net, "passed": False, "error": last, "seconds": seconds}
         evaluated = json.loads((root / "metrics" / "evaluate.json").read_text())
@@ -103,6 +105,9 @@ def main() -> None:
         print(table(json.loads(RESULTS.read_text())["results"]))
         return
     results = [run(net, args.epochs) for net in args.nets]
+    if RESULTS.exists():  # a run of some nets keeps the others' last results
+        kept = [r for r in json.loads(RESULTS.read_text())["results"] if r["net"] not in args.nets]
+        results = sorted(kept + results, key=lambda r: NETS.index(r["net"]) if r["net"] in NETS else len(NETS))
     RESULTS.write_text(json.dumps({"results": results}, indent=2) + "\n")
     print(table(results))
     if not all(r["passed"] for r in results):
