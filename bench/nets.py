@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from bench.scratch import default_params, scratch_project
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("nets.json")
@@ -32,31 +30,11 @@ RUNTIMES = {
 }
 
 
-def project(root: Path, net: str, epochs: int) -> dict:
-    """A git + DVC project at `root` with this checkout's code and the net's params."""
-    for code in ("tasks", "nets"):
-        shutil.copytree(ROOT / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, root / name)
-    (root / "data" / "raw").mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "raw" / "README.md", root / "data" / "raw" / "README.md")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"]["model"] = {"family": net}
-    params["train"]["epochs"] = epochs
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                    ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        subprocess.run(command, cwd=root, env=env, check=True)
-    return env
-
-
 def run(net: str, epochs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="qatflow-bench-nets-") as tmp:
         root = Path(tmp)
-        env = project(root, net, epochs)
+        params = default_params(train={"model": {"family": net}, "epochs": epochs})
+        env = scratch_project(root, params, "bench")
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env,
                               capture_output=True, text=True)
@@ -91,6 +69,10 @@ def table(results: list[dict]) -> str:
         cells = " | ".join(f"{100 * r['accuracy'][name]:.1f}%" for name in RUNTIMES)
         rows.append(f"| `{r['net']}` | {r['parameters']:,} | {cells} | "
                     f"{r['int8_accuracy_drop_pp']:g} pp (≤ {r['max_accuracy_drop_pp']:g}) |")
+    measured = sorted({(r["environment"]["cpu"], r["environment"]["torch"], r["epochs"])
+                       for r in results if r["passed"]})
+    for cpu, torch_version, epochs in measured:
+        rows += ["", f"Measured on {cpu}, torch {torch_version}: {epochs} epochs, the default params otherwise."]
     return "\n".join(rows)
 
 

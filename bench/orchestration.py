@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import yaml
+from bench.scratch import default_params, project_env, scratch_project
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"data": {"max_samples": 1000}, "train": {"epochs": 3, "model": {"widths": [32, 64], "dropout": 0.1}},
@@ -41,22 +41,6 @@ def trivial():
     return one()
 trivial()
 """
-
-
-def scratch_project(root: Path, params: dict | None, env: dict) -> Path:
-    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    if params:  # dvc.yaml names every section, so the small values go on top of the full file
-        merged = yaml.safe_load((REPO / "params.yaml").read_text())
-        for section, values in params.items():
-            merged[section] = {**merged[section], **values}
-        (root / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "scratch"]):
-        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-    return root
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> float:
@@ -97,28 +81,30 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small params: seconds, not minutes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "orchestration.json")
     args = parser.parse_args()
-    params = TINY if args.tiny else None
+    # dvc.yaml names every section, so the small values go on top of the full params.yaml.
+    params = default_params(**TINY) if args.tiny else default_params()
     work = Path(tempfile.mkdtemp(prefix="qatflow-bench-"))
-    env = {**os.environ, "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(work / "prefect-home"),
+    env = {**project_env("bench"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_HOME": str(work / "prefect-home"),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{work / 'prefect.db'}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO), "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+           "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)
     flow_cmd = [sys.executable, "-m", "flows.pipeline", "--no-experiment", "--project-dir"]
     results: dict = {"params": "tiny" if args.tiny else "params.yaml", "cpu_threads": os.cpu_count()}
     try:
-        project = scratch_project(work / "repro", params, env)
+        project = work / "repro"
+        scratch_project(project, params, "bench")
         results["dvc_repro_s"] = timed([sys.executable, "-m", "dvc", "repro"], project, env)
 
-        project = scratch_project(work / "flow-temporary", params, env)
+        project = work / "flow-temporary"
+        scratch_project(project, params, "bench")
         results["flow_temporary_server_s"] = timed([*flow_cmd, str(project)], project, env)
 
         server, url = start_server(env)
         served = {**env, "PREFECT_API_URL": url}
         try:
-            project = scratch_project(work / "flow-server", params, env)
+            project = work / "flow-server"
+            scratch_project(project, params, "bench")
             results["flow_running_server_s"] = timed([*flow_cmd, str(project)], project, served)
             results["flow_noop_s"] = timed([*flow_cmd, str(project)], project, served)
             save = [sys.executable, "-m", "flows.pipeline", "--project-dir", str(project)]

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from filelock import FileLock
 
+from bench import scratch
 from tasks.deprecations import TORCH_DEPRECATIONS
 
 # No network here and no one asked for telemetry, also in subprocesses the tests start. Prefect
@@ -74,33 +75,13 @@ def dvc(*args: str, cwd: Path, env: dict | None = None) -> str:
 
 def project_env() -> dict:
     """The environment to run a tiny project's stages, DVC and git with."""
-    return {
-        **os.environ,
-        # dvc.yaml says `python`: make it this interpreter, whatever PATH the test runner has.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "qatflow tests", "GIT_AUTHOR_EMAIL": "tests@localhost",
-        "GIT_COMMITTER_NAME": "qatflow tests", "GIT_COMMITTER_EMAIL": "tests@localhost",
-    }
+    return scratch.project_env("qatflow tests")
 
 
 def init_tiny_project(root: Path, params: dict = TINY_PARAMS) -> dict:
     """This project's code, dvc.yaml and `params` in a fresh git + DVC repo at `root`, with one
     commit. Returns the environment to run its stages with."""
-    for code in ("tasks", "nets"):
-        shutil.copytree(REPO / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    # prepare depends on data/raw (where users put their own data); the builtin source needs none.
-    (root / "data" / "raw").mkdir(parents=True)
-    shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw" / "README.md")
-    write_params(root / "params.yaml", params)
-    env = project_env()
-    run("git", "init", "-q", "-b", "main", cwd=root, env=env)
-    dvc("init", "-q", cwd=root, env=env)
-    dvc("config", "core.analytics", "false", cwd=root, env=env)
-    run("git", "add", "-A", cwd=root, env=env)
-    run("git", "commit", "-q", "-m", "tiny project", cwd=root, env=env)
-    return env
+    return scratch.scratch_project(root, params, "qatflow tests")
 
 
 def locked_outputs(project: Path) -> dict[str, str]:

@@ -4,7 +4,6 @@ per-epoch history DVC plots, and a resumable checkpoint after every epoch (tasks
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import time
