@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup lock run test flow sweep server serve deploy worker cpp bench bench-orchestration bench-prepare bench-ddp bench-families bench-nets bench-train check-model gpu-check tensorboard plots clean
+.PHONY: setup lock run test flow sweep server serve deploy worker cpp bench bench-orchestration bench-prepare bench-ddp bench-families bench-nets bench-train docs check-model gpu-check tensorboard plots clean
 .DEFAULT_GOAL := run
 
 CHECK_PYTHON := $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "qatflow needs Python 3.11, got " + sys.version'
@@ -132,6 +132,10 @@ bench-nets: setup
 # accuracy and bitwise repeatability per mode -> bench/train_speed.json (BENCH_ARGS=--quick).
 bench-train: setup
 	$(BIN)/python -m bench.train_speed $(BENCH_ARGS)
+
+# The measured tables of README.md and docs/, rewritten from the committed bench JSON.
+docs: setup
+	$(BIN)/python -m bench.tables
 
 # Your net (train.model.family) through every target before any training: a table of ok / why not.
 # Needs data/prepared (`dvc repro prepare`) for the sample shape and classes.

@@ -44,6 +44,7 @@ from tasks.training.device import Hardware, cpu_state, native_cpu_bf16
 from tasks.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).with_name("train_speed.json")
 MODES = {  # name: (precision, channels_last)
     "fp32": ("fp32", False),
     "bf16": ("bf16", False),
@@ -77,7 +78,7 @@ def fresh(mode: str, data: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer
     return model.train(), optimizer, hardware
 
 
-def measure_speed(data: dict, rounds: int, steps: int) -> dict:
+def measure_speed(data: dict, rounds: int, steps: int, warmup: int = 3) -> dict:
     seed_everything(STAGE.seed, STAGE.threads)
     x, y = (part[: STAGE.batch_size] for part in data["train"])
     runs = {mode: fresh(mode, data) for mode in MODES}
@@ -85,7 +86,7 @@ def measure_speed(data: dict, rounds: int, steps: int) -> dict:
     names = list(MODES)
     for mode, (model, optimizer, hardware) in runs.items():
         with hardware.deterministic():
-            for _ in range(3):  # oneDNN builds its kernels for the shapes on the first calls
+            for _ in range(warmup):  # oneDNN builds its kernels for the shapes on the first calls
                 step(model, optimizer, hardware, x, y)
     for round_ in range(rounds):
         for mode in names[round_ % len(names):] + names[: round_ % len(names)]:
@@ -201,18 +202,37 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict) -> str:
+    """docs/your-hardware.md's table (bench/tables.py)."""
+    machine = result["machine"]
+    lines = ["| mode | ms per step | samples/s | vs fp32 | test accuracy | repeats bitwise | weights = fp32's |",
+             "|---|---|---|---|---|---|---|"]
+    for mode in MODES:
+        s, t = result["speed"][mode], result["training"][mode]
+        lines.append(f"| {mode} | {s['step_ms']:g} | {s['samples_per_s']:,.0f} | {s['vs_fp32']:.2f}x | "
+                     f"{100 * t['test_accuracy']:.2f}% | {'yes' if t['bitwise_repeatable'] else '**no**'} | "
+                     f"{'yes' if t['equals_fp32'] else 'no'} |")
+    lines += ["", f"{machine['cpu']} ({machine['cpu_capability']}, native bf16: "
+              f"{'yes' if machine['native_bf16'] else 'no'}), torch {machine['torch']}, {machine['threads']} "
+              f"threads, 1-min load average {machine['load_average_1min']}; batch {result['batch_size']}, "
+              f"{result['rounds']} interleaved rounds of {result['steps_per_round']} steps per mode (medians); "
+              f"accuracy after {result['epochs']} epochs on {result['train_samples']:,} images. "
+              f"Recommended: **{result['recommended']['mode']}**: {result['recommended']['reason']}."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="500 images, 1 epoch, 2 short rounds: seconds")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 200 images, 1 epoch, one step per mode")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=4, help="steps per mode per round")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "train_speed.json")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    epochs, rounds, steps, samples = ((1, 2, 2, 500) if args.quick
-                                      else (args.epochs, args.rounds, args.steps, None))
+    epochs, rounds, steps, warmup, samples = ((1, 1, 1, 1, 200) if args.quick
+                                              else (args.epochs, args.rounds, args.steps, 3, None))
     data = load_data(samples)
-    speed = measure_speed(data, rounds, steps)
+    speed = measure_speed(data, rounds, steps, warmup)
     print("train_speed: samples/s " + ", ".join(f"{m} {s['samples_per_s']}" for m, s in speed.items()),
           flush=True)
     training = measure_training(data, epochs)

@@ -168,7 +168,10 @@ class QatParams(Section):
 class ExportParams(Section):
     parity_samples: Annotated[int, Field(ge=2)] = 500  # 2+: the .pt2 export needs a batch > 1
     fp32_tolerance: Annotated[float, Field(gt=0, le=1)] = 1e-4
-    int8_min_agreement: Annotated[float, Field(gt=0, le=1)] = 0.999
+    # Another runtime's int8 kernels round differently from the reference's, so a near-tie may flip
+    # its argmax: 0.999 of 500 samples allowed no flip at all. 0.995 allows 2 in 500; a conversion
+    # fault (a wrong scale, layout or normalization) disagrees on far more.
+    int8_min_agreement: Annotated[float, Field(gt=0, le=1)] = 0.995
     # Deployment gate, checked before any model is published: int8 QAT may lose at most this many
     # percentage points of test accuracy against fp32.
     max_accuracy_drop: Annotated[float, Field(ge=0, le=100)] = 0.5

@@ -64,3 +64,21 @@ def test_quick_benchmark_on_tiny_workspace(tiny_workspace, tmp_path, capsys):
     assert "C++ runner not built: run `make cpp`" in capsys.readouterr().out
     results = json.loads((tmp_path / "no-cpp" / "results.json").read_text())
     assert results["cpp"] is None and all(isinstance(results[key], int | float) for key in RATIOS)
+
+
+def test_quick_train_speed_bench_compares_every_mode_and_renders_its_docs_table(tmp_path):
+    from bench import train_speed
+
+    out = tmp_path / "train_speed.json"
+    printed = run(sys.executable, "-m", "bench.train_speed", "--quick", "--out", str(out), cwd=REPO)
+    result = json.loads(out.read_text())
+    assert set(result["speed"]) == set(result["training"]) == set(train_speed.MODES)
+    assert result["speed"]["fp32"]["vs_fp32"] == 1.0
+    assert all(mode["samples_per_s"] > 0 for mode in result["speed"].values())
+    # fp32 on the CPU is bitwise repeatable here, and a mode trained from the same seed as fp32
+    # in fp32 is fp32.
+    assert result["training"]["fp32"]["bitwise_repeatable"] and result["training"]["fp32"]["equals_fp32"]
+    assert result["recommended"]["mode"] in train_speed.MODES
+    assert f"recommended: {result['recommended']['mode']}" in printed
+    table = train_speed.markdown(result).splitlines()
+    assert table[0].startswith("| mode | ms per step | samples/s |") and len(table) == 2 + len(train_speed.MODES) + 2

@@ -1,6 +1,6 @@
 """The example nets in nets/ go through every target as int8, and tasks/quant/coverage.py names the
-ops that do not (tiny random inputs: these check structure, not accuracy; bench/nets_accuracy.py
-and `make bench-nets` check accuracy; tests/test_nets_pipeline.py takes both through every stage)."""
+ops that do not (tiny random inputs: these check structure, not accuracy; `make bench-nets`
+checks accuracy, and tests/test_nets_pipeline.py takes both nets through every stage)."""
 
 from __future__ import annotations
 
