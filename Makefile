@@ -59,7 +59,9 @@ lock:
 
 setup: $(VENV)/.installed .dvc/config
 
+# DVC parses params.yaml itself, with no guard against a YAML alias bomb: qatflow's reader first.
 run: setup
+	$(BIN)/python -m tasks.params --check params.yaml
 	$(BIN)/dvc repro
 
 # Whole test files per worker (--dist loadfile): a file's module fixtures (a flow run, a Prefect

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
+from dvc.exceptions import DvcException
 from dvc.lock import LockError
 from dvc.repo import Repo
 from ruamel.yaml import YAML
@@ -22,13 +24,37 @@ from tasks.atomic import write_text
 # line twice under Prefect, which also handles the root logger.
 logging.getLogger("dvc").propagate = False
 
-__all__ = ["LockError", "PushError", "StageNode", "cache_dir", "check_push", "pipeline_stages",
-           "push_experiment_ref", "push_results", "reproduce_stage", "save_experiment", "set_params",
-           "share_cache"]
+__all__ = ["PushError", "RepoBusy", "StageFailed", "StageNode", "cache_dir", "check_push", "held_lock",
+           "pipeline_stages", "push_experiment_ref", "push_results", "reproduce_stage", "save_experiment",
+           "set_params", "share_cache"]
 
 
 class PushError(QatflowError):
     pass
+
+
+class StageFailed(QatflowError):
+    """DVC could not reproduce a stage; the stage's own error line is in its output above."""
+
+
+class RepoBusy(StageFailed):
+    """Another `dvc` command holds the repository's lock: the one failure a later try can fix."""
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """`exc` and what it was raised from or while handling, innermost last."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def held_lock(exc: BaseException) -> bool:
+    """Whether `exc` comes from DVC's repository lock, wherever in its chain: DVC raises
+    ReproductionError from the LockError, which the chain keeps in-process and RepoBusy says across
+    a pickle (Prefect's states may hold a copy, which has no chain)."""
+    return any(isinstance(e, (LockError, RepoBusy)) for e in _chain(exc))
 
 
 @dataclass(frozen=True)
@@ -58,7 +84,16 @@ def reproduce_stage(root: Path, name: str) -> bool:
     """`dvc repro --single-item NAME`: runs the stage only if DVC finds it changed; updates dvc.lock.
     Returns whether it ran."""
     with Repo(str(root)) as repo:
-        return bool(repo.reproduce(name, single_item=True))
+        try:
+            return bool(repo.reproduce(name, single_item=True))
+        except DvcException as exc:
+            # DVC's messages on one line, outermost first: "failed to reproduce 'train': failed to
+            # run: ...", or for a lock, which one and which process holds it.
+            why = " ".join(": ".join(dict.fromkeys(str(e) for e in _chain(exc) if str(e))).split())
+            if held_lock(exc):
+                raise RepoBusy(f"stage {name!r}: another dvc command holds a lock on the repository "
+                               f"({why})") from exc
+            raise StageFailed(f"stage {name!r}: {why}") from exc
 
 
 def set_params(params_file: Path, overrides: dict[str, Any]) -> None:
@@ -102,11 +137,27 @@ def _dvc_remote(repo: Repo) -> str:
 
 
 def check_push(root: Path) -> None:
-    """Refuse a --push run before it trains when there is nowhere to push the outputs to."""
+    """Refuse a --push run before it trains when there is nowhere to push the outputs to: no
+    default remote, or a local one that is no writable directory. DVC would create a missing one,
+    which for a path on an unmounted disk means pushing onto the disk beneath; a remote elsewhere
+    (s3://, ssh://, ...) is only reached by the push itself."""
     with Repo(str(root)) as repo:
-        if not repo.config["core"].get("remote"):
+        name = repo.config["core"].get("remote")
+        if not name:
             raise PushError(f"--push needs a default DVC remote in {root}: "
                             "dvc remote add -d NAME URL (README: Scaling out)")
+        url = repo.config["remote"].get(name, {}).get("url", "")
+        if "://" in url and not url.startswith("file://"):
+            return
+        # DVC keeps a relative local URL relative to the config file that names it (.dvc/).
+        folder = Path(root, ".dvc", url.removeprefix("file://"))
+        if not folder.is_dir():
+            raise PushError(f"--push: DVC remote {name!r} ({url}) is not there: no directory "
+                            f"{os.path.normpath(folder)}; create it, or point the remote elsewhere "
+                            f"(dvc remote modify {name} url URL)")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PushError(f"--push: DVC remote {name!r} ({url}) cannot be written: "
+                            f"{os.path.normpath(folder)} is not writable by this user")
 
 
 def push_results(root: Path, git_remote: str, experiment: str | None) -> str:

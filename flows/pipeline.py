@@ -33,8 +33,8 @@ from prefect.states import Completed
 
 from flows import dvcrepo
 from flows.options import apply_overrides, parse_key_values
-from tasks.deprecations import silence_torch_deprecations
-from tasks.errors import QatflowError
+from tasks.cli import run_command
+from tasks.errors import ParamsError, QatflowError
 from tasks.lifeline import pdeathsig_preexec
 from tasks.params import load_params, parse_params, safe_yaml
 
@@ -50,7 +50,11 @@ class WorkspaceBusy(QatflowError):
 def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
     """Validate params.yaml with the overrides applied, against the one schema, before anything
     runs or is written."""
-    raw = safe_yaml(params_file.read_text(), params_file.name) or {}
+    try:
+        text = params_file.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{params_file}: file not found") from None
+    raw = safe_yaml(text, params_file.name) or {}
     apply_overrides(raw, overrides)
     parse_params(raw, origin=f"{params_file.name} with overrides {overrides}")
 
@@ -85,10 +89,8 @@ def _retry_on_dvc_lock(task, task_run, state) -> bool:
     # The only failure a retry can fix: someone else's `dvc` command holding the repo lock.
     try:
         state.result()
-    except dvcrepo.LockError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return dvcrepo.held_lock(exc)
     return False
 
 
@@ -209,9 +211,11 @@ def start_temporary_server() -> None:
     DiesWithFlowServer().start()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class FlowFailed(QatflowError):
+    pass
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.yaml key for this run (repeatable)")
     parser.add_argument("--no-experiment", action="store_true", help="do not save a DVC experiment")
@@ -220,14 +224,23 @@ def main() -> None:
                         help="after the run, push the experiment (dvc exp push) to --git-remote and "
                         "its outputs to the default DVC remote")
     parser.add_argument("--git-remote", default="origin", help="git remote for --push (default: %(default)s)")
-    args = parser.parse_args()
-    silence_torch_deprecations()
+
+
+def _main(args: argparse.Namespace) -> None:
+    overrides = parse_key_values(args.set, "--set")
+    # The flow checks again, as it must when called on its own; here a bad params.yaml (an alias
+    # bomb among them, which DVC would parse) fails at once, before the temporary server starts.
+    check_overrides(Path(args.project_dir) / "params.yaml", overrides)
     start_temporary_server()
-    state = pipeline(overrides=parse_key_values(args.set, "--set"), save_experiment=not args.no_experiment,
+    state = pipeline(overrides=overrides, save_experiment=not args.no_experiment,
                      project_dir=args.project_dir, push=args.push, git_remote=args.git_remote,
                      return_state=True)
     if not state.is_completed():
-        sys.exit(f"pipeline: {state.message}")
+        raise FlowFailed(state.message)
+
+
+def main() -> None:
+    run_command("pipeline", _main, _arguments, prog="python -m flows.pipeline", description=__doc__)
 
 
 if __name__ == "__main__":

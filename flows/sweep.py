@@ -53,6 +53,8 @@ from flows import dvcrepo
 from flows.options import apply_overrides
 from flows.pipeline import start_temporary_server
 from tasks.atomic import write_json, write_text, write_with
+from tasks.cli import run_command
+from tasks.csvsafe import safe_cell
 from tasks.errors import QatflowError
 from tasks.lifeline import pdeathsig_preexec
 from tasks.params import load_params, parse_params, safe_yaml
@@ -268,7 +270,9 @@ def write_report(out: Path, rows: list[dict], best: dict | None, figure: Figure 
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
-    writer.writerows(rows)
+    # Numbers stay numbers; the strings (overrides, errors) quote what users typed.
+    writer.writerows({key: safe_cell(value) if isinstance(value, str) else value for key, value in row.items()}
+                     for row in rows)
     write_text(out / "sweep.csv", table.getvalue())
     write_json(out / "sweep.json", {"best_rule": BEST_RULE, "best": best, "points": rows})
     if figure is not None:
@@ -364,9 +368,7 @@ def server_for_workers() -> dict:
     return {PREFECT_API_URL: server.api_url}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=VALUE[,VALUE...]",
                         help="a params.yaml key and the values to sweep it over (repeatable)")
     parser.add_argument("--grid-file", type=Path, metavar="FILE",
@@ -378,23 +380,26 @@ def main() -> None:
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: %(default)s)")
     parser.add_argument("--out", metavar="DIR",
                         help="report folder (default: .dvc/tmp/sweeps/<flow run name>)")
-    args = parser.parse_args()
+
+
+def _main(args: argparse.Namespace) -> None:
     if args.max_parallel is not None and args.max_parallel < 1:
-        parser.error(f"--max-parallel must be at least 1, got {args.max_parallel}")
-    try:
-        grid = parse_grid(args.grid, args.grid_file)
-        # The flow checks the points again, as it must when called on its own; here a typo fails
-        # at once instead of after the temporary server's start.
-        plan(Path(args.project_dir), grid)
-        max_parallel = args.max_parallel or default_max_parallel(Path(args.project_dir))
-    except QatflowError as exc:
-        sys.exit(f"sweep: {exc}")
+        raise SweepError(f"--max-parallel must be at least 1, got {args.max_parallel}")
+    grid = parse_grid(args.grid, args.grid_file)
+    # The flow checks the points again, as it must when called on its own; here a typo fails at
+    # once instead of after the temporary server's start.
+    plan(Path(args.project_dir), grid)
+    max_parallel = args.max_parallel or default_max_parallel(Path(args.project_dir))
     start_temporary_server()
     with temporary_settings(server_for_workers()):
         state = run_sweep(grid, args.project_dir, max_parallel, args.dask_address, args.out,
                           return_state=True)
     if not state.is_completed():
-        sys.exit(f"sweep: {state.message}")
+        raise SweepError(state.message)
+
+
+def main() -> None:
+    run_command("sweep", _main, _arguments, prog="python -m flows.sweep", description=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The thin command-line wrapper shared by every stage (`python -m tasks.<stage>`) and predict."""
+"""The thin command-line wrapper shared by every stage (`python -m tasks.<stage>`), predict, the
+params check and the flows."""
 
 from __future__ import annotations
 
@@ -22,14 +23,17 @@ def debugging() -> bool:
 
 def run_command(
     name: str, main: Callable[[argparse.Namespace], Any], configure: Configure | None = None,
-    prog: str | None = None,
+    prog: str | None = None, description: str | None = None,
 ) -> None:
     """Parse the flags, run `main`, and turn a QatflowError into one clear line + exit 1.
 
     A traceback is noise for a bad params file or dataset; `--debug` (or QATFLOW_DEBUG=1) shows it.
-    Anything that is not a QatflowError is a bug and keeps its traceback.
+    Anything that is not a QatflowError is a bug and keeps its traceback. `description` (a module's
+    docstring, kept as written) replaces main's docstring in --help.
     """
-    parser = argparse.ArgumentParser(prog=prog or f"python -m tasks.{name}", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog=prog or f"python -m tasks.{name}", description=description or main.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter if description else argparse.HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     if configure:
         configure(parser)

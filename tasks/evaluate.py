@@ -32,6 +32,7 @@ from tasks import figures
 from tasks.atomic import StagedOutputs, staged_outputs
 from tasks.cli import run_stage
 from tasks.contracts import PreparedMeta, read_prepared_meta
+from tasks.csvsafe import safe_cell
 from tasks.environment import cpu_name
 from tasks.inference import predict_logits, probabilities, time_calls
 from tasks.params import EvaluateParams, load_params
@@ -183,7 +184,7 @@ def report_markdown(rows: list[dict], gate: dict, metrics: dict, latency: dict) 
 
 def write_tables(out: Path, names: list[str], y: np.ndarray, scored: dict[str, Scored]) -> None:
     """The CSVs behind DVC's plots: int8 confusion pairs, per-class scores, calibration bins."""
-    labels = np.array(names)
+    labels = np.array([safe_cell(name) for name in names])
     (out / "confusion.csv").write_text(_csv(["actual", "predicted"],
                                            zip(labels[y], labels[scored[DEPLOYED].pred])))
     columns = [(v, s) for v in COMPARED for s in ("precision", "recall")]
@@ -191,7 +192,7 @@ def write_tables(out: Path, names: list[str], y: np.ndarray, scored: dict[str, S
     (out / "per_class.csv").write_text(_csv(
         ["class", "support", *(f"{v}_{s}" for v, s in columns)],
         ([c, int(support[i]), *(round(float(scored[v].per_class[s][i]), 6) for v, s in columns)]
-         for i, c in enumerate(names)),
+         for i, c in enumerate(labels)),
     ))
     fields = ("bin", "confidence", "accuracy", "count")
     (out / "calibration.csv").write_text(_csv(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import reprlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -12,12 +11,15 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from tasks.contracts import NET_REFERENCE
-from tasks.errors import ParamsError
+from tasks.errors import ParamsError, quoted
 from tasks.readers import DEFAULT_MAX_IMAGE_PIXELS
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
 Threads = Annotated[int, Field(ge=1, le=256)]
+# Upper bounds are typo guards, generous for real use: an extra digit or three is refused by name
+# before a stage starts, instead of running for days or asking for terabytes.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's and most tools' seed range
+Epochs = Annotated[int, Field(gt=0, le=10_000)]  # days of training for the smallest net here
+BatchSize = Annotated[int, Field(gt=0, le=65_536)]  # far past what fits in memory for an image net
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 BUILTIN_FAMILIES = ("mlp", "cnn1d", "cnn2d")  # tasks/model.py
 
@@ -31,18 +33,21 @@ class DataParams(Section):
     # builtin:mnist5k, builtin:digits, or a path (relative to the project root) to an .npz file,
     # a .csv file or a folder with one sub-folder of images per class.
     source: Annotated[str, Field(min_length=1)] = "builtin:mnist5k"
-    max_samples: PositiveInt | None = None
+    max_samples: Annotated[int, Field(gt=0, le=1_000_000_000)] | None = None  # a billion samples
     # How samples are read: (N, F) vectors, (N, C, L) sequences or (N, C, H, W) images; the model
     # family follows from it. "auto" decides from the array's shape and, for 2-D x (N, F), from
     # whether its columns are an ordered signal (neighbouring columns correlate more than the rest)
     # or tabular features (tasks/layout.py); meta.json's layout_reason says why. Set one to override.
     layout: Literal["auto", "vectors", "sequences", "images"] = "auto"
     label_column: Annotated[str, Field(min_length=1)] = "label"  # CSV sources
-    image_size: list[PositiveInt] = Field(default=[28, 28], min_length=2, max_length=2)  # folders: [H, W]
+    # Folders: [H, W], each at most 8192 (a 67 MP input, far past any classifier's); prepare also
+    # refuses a size whose float32 images would not fit in the memory available (tasks/readers.py).
+    image_size: list[Annotated[int, Field(gt=0, le=8192)]] = Field(default=[28, 28], min_length=2, max_length=2)
     image_mode: Literal["grayscale", "rgb"] = "grayscale"  # folders
     # Folders: an image with more pixels (width * height, read from its header before decoding)
-    # is refused; see DEFAULT_MAX_IMAGE_PIXELS in tasks/readers.py for why this default.
-    max_image_pixels: PositiveInt = DEFAULT_MAX_IMAGE_PIXELS
+    # is refused; see DEFAULT_MAX_IMAGE_PIXELS in tasks/readers.py for why this default. At most
+    # 100 MP: above PIL's own decompression-bomb limit (about 89 MP), which refuses such images anyway.
+    max_image_pixels: Annotated[int, Field(gt=0, le=100_000_000)] = DEFAULT_MAX_IMAGE_PIXELS
 
 
 class SplitFractions(Section):
@@ -59,7 +64,7 @@ class SplitFractions(Section):
 
 
 class PrepareParams(Section):
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     split: SplitFractions = SplitFractions()
 
 
@@ -76,7 +81,7 @@ class ModelParams(Section):
     family: Annotated[str, AfterValidator(_family)] = "auto"
     # The built-in families' shape: channels per conv stage (CNNs) or units per hidden layer (MLP);
     # null: the family's default.
-    widths: list[PositiveInt] | None = Field(default=None, min_length=1, max_length=6)
+    widths: list[Annotated[int, Field(gt=0, le=4096)]] | None = Field(default=None, min_length=1, max_length=6)
     convs_per_stage: Annotated[int, Field(ge=1, le=4)] = 2  # CNNs; the first stage has one
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
     # Keyword arguments for the callable (plain YAML values); for a built-in family they override
@@ -105,17 +110,17 @@ def _check_batch_split(batch_size: int, nproc: int) -> None:
 
 
 class TrainParams(Section):
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     threads: Threads = 2
-    epochs: PositiveInt = 20
-    batch_size: PositiveInt = 64
+    epochs: Epochs = 20
+    batch_size: BatchSize = 64
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: Annotated[float, Field(gt=0, le=10)] = 3e-3
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
     scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle"
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     augment_shift: Annotated[int, Field(ge=0, le=8)] = 2
-    patience: PositiveInt = 6
+    patience: Epochs = 6
     # Where training runs (auto: CUDA when available) and in what precision (torch.autocast; fp16
     # with a GradScaler, CUDA only); channels_last memory format for 2-D convolutional nets.
     # Conversion, export, parity and evaluation always run on CPU. README: "Your own hardware".
@@ -139,18 +144,18 @@ def _qat_precision(value: str) -> str:
 
 
 class QatParams(Section):
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     threads: Threads = 2
     backend: Literal["x86", "qnnpack"] = "x86"
-    epochs: PositiveInt = 4
-    batch_size: PositiveInt = 64
+    epochs: Epochs = 4
+    batch_size: BatchSize = 64
     lr: Annotated[float, Field(gt=0, le=10)] = 1e-4
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    freeze_bn_epoch: NonNegativeInt = 2
+    freeze_bn_epoch: Annotated[int, Field(ge=0, le=10_000)] = 2
     # Observers must see at least one epoch of data before they freeze, or int8 conversion has
     # no ranges to work with.
-    freeze_observers_epoch: PositiveInt = 3
-    ptq_calibration_batches: PositiveInt = 16
+    freeze_observers_epoch: Epochs = 3
+    ptq_calibration_batches: Annotated[int, Field(gt=0, le=10_000)] = 16  # 10,000 batches: far past converged ranges
     # Where fake-quant fine-tuning runs (auto: CUDA when available), and channels_last as train's.
     # Precision stays fp32: torch 2.13's fake-quant kernels take float32 only, and bf16/fp16
     # autocast hands them bf16/fp16 activations ("expected scalar type Float but found BFloat16").
@@ -166,7 +171,8 @@ class QatParams(Section):
 
 
 class ExportParams(Section):
-    parity_samples: Annotated[int, Field(ge=2)] = 500  # 2+: the .pt2 export needs a batch > 1
+    # 2+: the .pt2 export needs a batch > 1; at most 1,000,000, more than any test split here.
+    parity_samples: Annotated[int, Field(ge=2, le=1_000_000)] = 500
     fp32_tolerance: Annotated[float, Field(gt=0, le=1)] = 1e-4
     # Another runtime's int8 kernels round differently from the reference's, so a near-tie may flip
     # its argmax: 0.999 of 500 samples allowed no flip at all. 0.995 allows 2 in 500; a conversion
@@ -179,8 +185,10 @@ class ExportParams(Section):
 
 class EvaluateParams(Section):
     threads: Threads = 2
-    latency_batch_sizes: list[PositiveInt] = Field(default=[1, 64], min_length=1)
-    latency_repeats: Annotated[int, Field(ge=3)] = 50
+    # At most 16 sizes of at most 65,536 samples each, and 10,000 timed calls per size: a
+    # latency table, not a load test.
+    latency_batch_sizes: list[BatchSize] = Field(default=[1, 64], min_length=1, max_length=16)
+    latency_repeats: Annotated[int, Field(ge=3, le=10_000)] = 50
     misclassified_shown: Annotated[int, Field(ge=1, le=100)] = 25
 
 
@@ -191,23 +199,6 @@ class Params(Section):
     qat: QatParams = QatParams()
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
-
-
-QUOTED_CHARS = 80  # of a bad value quoted in an error; a huge value must not flood the terminal
-
-
-def quoted(value: object, limit: int = QUOTED_CHARS) -> str:
-    """repr(value), cut to its first `limit` characters plus '…': one bad value, one short line.
-
-    Never a huge repr first: a long string is sliced, and reprlib cuts containers as it writes."""
-    if isinstance(value, (str, bytes)):
-        text = repr(value[: limit + 1])
-    else:
-        short = reprlib.Repr()
-        short.maxstring = short.maxother = short.maxlong = limit
-        short.maxlist = short.maxtuple = short.maxdict = short.maxset = max(1, limit // 4)
-        text = short.repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def parse_params(raw: object, origin: str = "params") -> Params:
@@ -275,3 +266,18 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     return parse_params(safe_yaml(text, str(path)), origin=str(path))
+
+
+def _check(args) -> None:
+    """Check a params file with qatflow's own reader and schema: `make run` and the flows do, before
+    DVC, which parses params.yaml itself and has no guard against a YAML alias bomb."""
+    load_params(args.check)
+    print(f"{args.check}: valid")
+
+
+if __name__ == "__main__":
+    from tasks.cli import run_command
+
+    run_command("params", _check, lambda parser: parser.add_argument(
+        "--check", type=Path, default=Path("params.yaml"), metavar="FILE",
+        help="the params file to check (default: %(default)s)"))

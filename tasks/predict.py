@@ -40,6 +40,7 @@ from rich.progress import Progress
 from tasks.atomic import atomic_open
 from tasks.cli import run_command
 from tasks.contracts import ExportedMeta
+from tasks.csvsafe import safe_cell
 from tasks.deployed import load_deployed, read_meta
 from tasks.errors import DataError
 from tasks.inference import predict_logits, probabilities
@@ -186,9 +187,10 @@ def format_records(ids: list[str], proba: np.ndarray, class_names: list[str], as
     if as_csv:
         writer = csv.writer(out, lineterminator="\n")
         if header:
-            writer.writerow(["id", "label", "class", *(f"p_{name}" for name in class_names)])
+            writer.writerow(["id", "label", "class", *(safe_cell(f"p_{name}") for name in class_names)])
         for i, label in enumerate(labels):
-            writer.writerow([ids[i], int(label), class_names[label], *(f"{p:.6f}" for p in proba[i])])
+            writer.writerow([safe_cell(ids[i]), int(label), safe_cell(class_names[label]),
+                             *(f"{p:.6f}" for p in proba[i])])
     else:
         for i, label in enumerate(labels):
             record = {"id": ids[i], "label": int(label), "class": class_names[label],

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.errors import DataError
+from tasks.errors import DataError, quoted
 from tasks.npyio import NpyStream, npz_members
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -70,7 +72,7 @@ def read_csv(path: Path, label_column: str, require_labels: bool) -> CsvTable:
         raise DataError(f"{path}: empty file; a CSV needs a header row and data rows")
     header, body = [name.strip() for name in rows[0]], rows[1:]
     if label_column not in header and require_labels:
-        raise DataError(f"{path}: no label column {label_column!r} (columns: {', '.join(header)}); "
+        raise DataError(f"{path}: no label column {label_column!r} (columns: {quoted(header)}); "
                         "set data.label_column")
     for number, row in enumerate(body, start=2):
         if len(row) != len(header):
@@ -95,8 +97,8 @@ def _numbers(cells: np.ndarray, path: Path, columns: list[str], first_row: int =
             try:
                 float(cell)
             except ValueError:
-                raise DataError(f"{path}: row {r + first_row}, column {columns[c]!r}: "
-                                f"{str(cell)!r} is not a number") from None
+                raise DataError(f"{path}: row {r + first_row}, column {quoted(columns[c])}: "
+                                f"{quoted(str(cell))} is not a number") from None
         raise
 
 
@@ -176,19 +178,51 @@ def image_files(path: Path) -> list[Path]:
     return [path]
 
 
+def available_memory() -> int:
+    """Bytes a new allocation can take without swapping: the kernel's MemAvailable, which counts
+    reclaimable page cache; free pages alone (sysconf) where there is no /proc, an underestimate."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
+def check_images_fit(count: int, channels: int, height: int, width: int,
+                     size_key: str | None = None) -> None:
+    """Refuse, before anything is allocated, images that cannot fit in memory once they are float32
+    (4 bytes a value), as prepare standardizes them and training holds them; `size_key` is the
+    params key that sets height and width, if any."""
+    need, have = count * channels * height * width * 4, available_memory()
+    if need > have:
+        setting = f"{size_key} [{height}, {width}]" if size_key else f"{height} x {width} images"
+        raise DataError(f"{setting}: {count:,} image(s) x {channels} channel(s) x {height:,} x {width:,} "
+                        f"x 4 bytes (float32) = {_gib(need)}, more than the {_gib(have)} of memory "
+                        "available")
+
+
 def read_images(files: list[Path], height: int, width: int, channels: int,
                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                max_pixels_key: str | None = None) -> np.ndarray:
+                max_pixels_key: str | None = None, size_key: str | None = None) -> np.ndarray:
     """Images resized to height x width, grayscale (1 channel) or RGB (3), as uint8 (N, C, H, W).
 
-    An image of more than `max_pixels` (the params key `max_pixels_key` sets it, if any), or one
-    PIL takes for a decompression bomb, is refused by its header, before it is decoded."""
+    Images too many or too large for memory (check_images_fit) are refused before any is read. An
+    image of more than `max_pixels` (the params key `max_pixels_key` sets it, if any), or one PIL
+    takes for a decompression bomb, is refused by its header, before it is decoded."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
 
     if channels not in (1, 3):
         raise DataError(f"images can become 1 (grayscale) or 3 (RGB) channels, not {channels}")
+    check_images_fit(len(files), channels, height, width, size_key)
     out = np.empty((len(files), channels, height, width), dtype=np.uint8)
     for i, file in enumerate(files):
         try:
@@ -221,9 +255,17 @@ class ImageFolder:
 
 def read_image_folder(path: Path, height: int, width: int, channels: int,
                       max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                      max_pixels_key: str | None = None) -> ImageFolder:
-    """One sub-folder per class (sorted names are the classes), images anywhere below it."""
-    classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+                      max_pixels_key: str | None = None, size_key: str | None = None) -> ImageFolder:
+    """One sub-folder per class (sorted names are the classes), images anywhere below it. A
+    sub-folder whose name begins with "." is hidden, as tools' own folders (.git, .ipynb_checkpoints)
+    are: it is no class, and a warning names it when it holds images."""
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    classes = [p for p in folders if not p.name.startswith(".")]
+    for hidden in (p for p in folders if p.name.startswith(".")):
+        count = sum(1 for p in hidden.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if count:
+            print(f"prepare: warning: {hidden} is skipped, with its {count} image(s): a folder whose "
+                  "name begins with '.' is hidden, not a class; rename it to train on it", file=sys.stderr)
     if not classes:
         raise DataError(f"{path}: no class sub-folders; put each class's images in a sub-folder "
                         "named after the class")
@@ -232,7 +274,7 @@ def read_image_folder(path: Path, height: int, width: int, channels: int,
         found = image_files(folder)
         files += found
         labels += [label] * len(found)
-    x = read_images(files, height, width, channels, max_pixels, max_pixels_key)
+    x = read_images(files, height, width, channels, max_pixels, max_pixels_key, size_key)
     return ImageFolder(x, np.array(labels, np.int64),
                        [p.name for p in classes], files)
 

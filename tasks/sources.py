@@ -11,6 +11,7 @@ The layout their samples then take (`data.layout`, and how `auto` decides) is in
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,10 +107,17 @@ def _as_given(path: Path) -> Path:
 
 
 def warn_if_untracked(path: Path, root: Path) -> None:
-    raw = (root / "data" / "raw").resolve()
-    if not path.resolve().is_relative_to(raw):
+    """What DVC does not see of a source: one outside data/raw (prepare's dependency) at all. A
+    link under data/raw to a file elsewhere it does see change, for it hashes what the link points
+    to (`dvc status` says so), but a link out of the project holds no data of its own."""
+    raw = Path(os.path.abspath(root / "data" / "raw"))
+    if not Path(os.path.abspath(path)).is_relative_to(raw):
         print(f"prepare: warning: {path} lies outside data/raw, so `dvc repro` will not notice "
               "when it changes", file=sys.stderr)
+    elif not path.resolve().is_relative_to(root.resolve()):
+        print(f"prepare: warning: {path} links to {path.resolve()}, outside the project: `dvc repro` "
+              "follows the link and notices when that file changes, but another checkout of the "
+              "project gets only the link", file=sys.stderr)
 
 
 def check_labels(source: Source) -> None:
@@ -203,6 +211,6 @@ def _load_csv(path: Path, label_column: str) -> Source:
 def _load_image_folder(path: Path, data: DataParams) -> Source:
     height, width = data.image_size
     folder = read_image_folder(path, height, width, 1 if data.image_mode == "grayscale" else 3,
-                               data.max_image_pixels, "data.max_image_pixels")
+                               data.max_image_pixels, "data.max_image_pixels", "data.image_size")
     return Source(InMemory(folder.x, str(path)), folder.y, folder.class_names, 255.0, str(path),
                   row_label=lambda i: str(folder.files[i]))

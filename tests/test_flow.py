@@ -162,6 +162,7 @@ def test_push_shares_the_run_as_an_experiment_on_the_git_remote(project, tmp_pat
     run("git", "init", "-q", "--bare", str(origin), cwd=tmp_path, env=env)
     run("git", "remote", "add", "origin", str(origin), cwd=root, env=env)
     run("git", "push", "-q", "origin", "HEAD", cwd=root, env=env)
+    (tmp_path / "dvc-storage").mkdir()  # --push refuses a local remote that is no directory
     dvc("remote", "add", "--local", "-d", "storage", str(tmp_path / "dvc-storage"), cwd=root, env=env)
     try:
         state = pipeline(project_dir=str(root), push=True, return_state=True)

@@ -104,14 +104,17 @@ def test_console_script_exits_non_zero_with_one_line(tiny_workspace, tmp_path):
     assert f"predict: error: {tmp_path / 'missing.npz'}: input not found" in done.stderr
 
 
-def scripted_model(path: Path, input_shape: list[int], classes: int = 3, names: int | None = None) -> Path:
+def scripted_model(path: Path, input_shape: list[int], classes: int = 3, names: int | None = None,
+                   class_names: list[str] | None = None) -> Path:
     """A TorchScript model as export writes it (meta.json inside), for any input shape, made
     without running the pipeline: predict must handle every layout the same way. Export did not
-    list it, so predict takes it only with trust=True. `names`: class names in its meta.json."""
+    list it, so predict takes it only with trust=True. `names`: how many class names its meta.json
+    lists (c0, c1, ...), unless `class_names` gives them."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(input_shape)), classes)).eval()
     meta = ExportedMeta(
-        variant="fp32_ts", class_names=[f"c{i}" for i in range(names or classes)], input_shape=input_shape,
+        variant="fp32_ts", class_names=class_names or [f"c{i}" for i in range(names or classes)],
+        input_shape=input_shape,
         normalization=Normalization(scale=1.0, mean=[0.5] * input_shape[0], std=[2.0] * input_shape[0]),
         backend=None, torch_version=str(torch.__version__),
         model=ModelConfig(net="tasks.model:mlp", input_shape=input_shape, num_classes=classes,
