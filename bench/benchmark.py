@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.table import Column, Table
 from torch.utils.tensorboard import SummaryWriter
 
+from bench.reference import format_ms
 from tasks.atomic import write_json, write_with
 from tasks.augment import random_shift
 from tasks.checkpoint import TrainingState
@@ -297,6 +298,76 @@ def plot(path: Path, variants: dict, threads: int) -> None:
     ax.set_title("")  # too long for the axes beside the legend: a figure title instead
     fig.suptitle(f"Accuracy vs latency at batch 1, {threads} threads (marker area ∝ file size)")
     write_with(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
+# What each target compares, as docs/benchmarks.md says it.
+TARGET_NAMES = {
+    "int8_vs_fp32ts_bs1": "int8 QAT vs optimized fp32 TorchScript, batch 1",
+    "int8_vs_fp32ts_bs64": "same, batch 64",
+    "size_ratio": "`fp32.pt` / `int8.pt`",
+    "accuracy_drop_pp": "fp32 → int8 QAT",
+    "train_overhead": "one epoch of the pipeline's `fit` (TensorBoard, progress bar, deterministic mode, "
+                      "history) vs a bare loop doing the same training and validation",
+    "noop_repro_s": "a no-op `dvc repro`",
+    "onnx_int8_vs_ts_int8_bs64": "TorchScript int8 / ONNX Runtime int8 latency, batch 64",
+    "onnx_size_ratio": "`fp32.onnx` / `int8.onnx`",
+    "onnx_accuracy_drop_pp": "fp32 → int8 ONNX",
+    "pte_size_ratio": "`fp32.pt2` / `int8.pte`",
+    "pte_accuracy_drop_pp": "fp32 → int8 ExecuTorch",
+}
+
+
+SYMBOLS = {">=": "≥", "<=": "≤"}
+
+
+def _unit(key: str, value: float) -> str:
+    return f"{value:.1f} pp" if key.endswith("_pp") else f"{value:.2f} s" if key.endswith("_s") else f"{value:g}x"
+
+
+def markdown(r: dict) -> str:
+    """docs/benchmarks.md's latency table of bench/results.json (bench/tables.py)."""
+    lines = ["| variant | threads | accuracy | size | batch 1 median / p90 | batch 64 median / p90 |",
+             "|---|---|---|---|---|---|"]
+    for n in sorted(r["threads"], reverse=True):
+        for name, v in {**r["variants"], **(r["cpp"] or {})}.items():
+            t = v["latency_ms"][f"threads_{n}"]
+            cells = [v["label"], str(n), "-" if v["accuracy"] is None else f"{v['accuracy']:.2%}",
+                     f"{v['size_bytes'] / 1024:,.0f} KiB",
+                     *(f"{format_ms(t[f'batch_{b}']['median_ms'], '')} / {format_ms(t[f'batch_{b}']['p90_ms'])}"
+                       for b in BATCH_SIZES)]
+            if name == DEPLOYED and n == max(r["threads"]):
+                cells = [f"**{c}**" for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"{r['date'][:10]}, {r['cpu']}, torch {r['torch_version']}, {r['test_samples']} test images, "
+              f"{r['rounds']} rounds of {r['repeats_per_round']} calls, other jobs using "
+              f"{r['other_jobs_cpu_share']:.0%} of the CPU. fp32 TorchScript is timed after "
+              "`torch.jit.optimize_for_inference`; the C++ runner runs `fp32.pt` as saved (no "
+              "`optimize_for_inference`)." + ("" if r["cpp"] else " No C++ figures: the runner was not built.")]
+    return "\n".join(lines)
+
+
+def markdown_targets(r: dict) -> str:
+    """docs/benchmarks.md's targets table of bench/results.json (bench/tables.py)."""
+    lines = ["| figure | measured | target |", "|---|---|---|"]
+    for key, t in r["targets"].items():
+        what = TARGET_NAMES.get(key, "")
+        if key in ("int8_vs_fp32ts_bs1", "int8_vs_fp32ts_bs64", "onnx_int8_vs_ts_int8_bs64"):
+            what += f", {r['ratio_threads']} threads"
+        if t["value"] is None:
+            measured = "not measured"
+        else:
+            measured = _unit(key, t["value"])
+            if key == "train_overhead" and (d := r.get("train_overhead_detail")):
+                measured += f" ({d['fit_epoch_s']:.2f} s vs {d['bare_epoch_s']:.2f} s, medians of {d['runs']})"
+            if not t["passed"]:
+                measured = f"**{measured}: not met**"
+        op, limit = t["target"].split()
+        unit = " pp" if key.endswith("_pp") else " s" if key.endswith("_s") else "x"
+        target = f"{SYMBOLS.get(op, op)} {float(limit):g}{unit}"
+        lines.append(f"| `{key}`: {what} | {measured} | {target} |")
+    if r.get("noop_repro_note"):
+        lines += ["", f"`noop_repro_s`: {r['noop_repro_note']}."]
+    return "\n".join(lines)
 
 
 def print_table(r: dict) -> None:

@@ -93,6 +93,26 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict) -> str:
+    """docs/scaling-out.md's table of bench/ddp.json (bench/tables.py)."""
+    lines = ["| run (builtin:mnist5k, 4,000 images, batch 64, 1 thread per process) | epoch | val accuracy |",
+             "|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| nproc {r['nproc']}{' (DDP)' if r['nproc'] > 1 else ''} | {r['epoch_s']:.2f} s | "
+                     f"{r['val_accuracy']:.2%} |")
+    pair = result["independent_pair_epoch_s"]
+    lines.append(f"| two independent nproc-1 runs at the same time | {', '.join(f'{s:.2f} s' for s in pair)} | |")
+    alone = next(r["epoch_s"] for r in result["runs"] if r["nproc"] == 1)
+    slower = sum(pair) / len(pair) / alone
+    lines += ["", f"Speedup {result['speedup']:.2f}x, scaling efficiency {result['scaling_efficiency']:.2f} "
+              f"({result['epochs']} epochs, {result['cpus']} CPUs, 1-min load average "
+              f"{result['load_average_1min']}). Two independent single-process runs at once each took "
+              f"{slower:.2f}x as long as one alone, so this machine gives any two busy processes at most "
+              f"{result['machine_speedup_ceiling']:.2f}x the work of one; the rest, "
+              f"{result['machine_speedup_ceiling']:.2f}x against {result['speedup']:.2f}x, is DDP's own cost."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ddp", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 images, 1 epoch: for tests")

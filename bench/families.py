@@ -178,6 +178,27 @@ def print_table(rows: list[dict]) -> None:
     Console(width=150).print(table)
 
 
+# How docs/your-data.md names each dataset (its source and layout are in the JSON).
+DESCRIPTIONS = {"digits": "`builtin:digits`", "breast_cancer": "breast cancer CSV",
+                "wine": "wine CSV, string labels", "waveforms": "waveforms .npz, (N, 128) as sequences"}
+
+
+def markdown(result: dict) -> str:
+    """docs/your-data.md's table of bench/families.json (bench/tables.py)."""
+    lines = ["| dataset (test samples) | family | fp32 | int8 QAT | int8 PTQ | baseline | fp32.pt → int8.pt |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        name = DESCRIPTIONS.get(r["dataset"], f"`{r['source']}`")
+        lines.append(f"| {name} ({r['samples']['test']}) | {r['family']} | {r['fp32_accuracy']:.2%} | "
+                     f"{r['int8_accuracy']:.2%} | {r['ptq_accuracy']:.2%} | logistic regression "
+                     f"{r['linear_baseline']['accuracy']:.2%} | {r['fp32_bytes'] / 1024:,.0f} → "
+                     f"{r['int8_bytes'] / 1024:,.0f} KiB |")
+    tests = [r["samples"]["test"] for r in result["results"]]
+    lines += ["", f"Measured on {result['cpu']}, torch {result['torch_version']}. Small test splits: one "
+              f"sample moves a figure by {100 / max(tests):.1f}-{100 / min(tests):.1f} pp."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     os.environ.setdefault("QATFLOW_RUN_NAME", "bench-families")
     chosen = set(sys.argv[1:])  # dataset names to run only those (the JSON then holds only them)

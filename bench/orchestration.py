@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"data": {"max_samples": 1000}, "train": {"epochs": 3, "model": {"widths": [32, 64], "dropout": 0.1}},
         "qat": {"epochs": 2, "freeze_bn_epoch": 1, "freeze_observers_epoch": 1},
         "export": {"max_accuracy_drop": 100.0}, "evaluate": {"latency_repeats": 5}}
+# What the flow may cost over the same work done by `dvc repro` and by a trivial Prefect flow.
+TARGETS = {"ratio_running_server": 1.15, "noop_minus_trivial_s": 2.0}
 TRIVIAL_FLOW = """
 from prefect import flow, task
 @task
@@ -127,7 +129,28 @@ def main() -> None:
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value}")
-    print("targets: ratio_running_server <= 1.15, noop_minus_trivial_s <= 2")
+    print("targets: " + ", ".join(f"{key} <= {limit:g}" for key, limit in TARGETS.items()))
+
+
+def markdown(result: dict) -> str:
+    """docs/prefect.md's table of bench/orchestration.json (bench/tables.py)."""
+    rows = [("`dvc repro`, everything from scratch", f"{result['dvc_repro_s']:.1f} s"),
+            ("flow, temporary Prefect server",
+             f"{result['flow_temporary_server_s']:.1f} s ({result['ratio_temporary_server']:.2f}x)"),
+            ("flow, running `prefect server`",
+             f"{result['flow_running_server_s']:.1f} s ({result['ratio_running_server']:.2f}x)"),
+            ("flow with nothing to do (all stages Skipped)", f"{result['flow_noop_s']:.2f} s"),
+            ("Prefect's own trivial one-task flow", f"{result['trivial_flow_s']:.2f} s"),
+            ("flow with nothing to do, saving the experiment", f"{result['flow_noop_with_experiment_s']:.2f} s")]
+    lines = ["| run | wall time |", "|---|---|", *(f"| {run} | {time} |" for run, time in rows)]
+    ratio, extra = result["ratio_running_server"], result["noop_minus_trivial_s"]
+    met = {True: "met", False: "**not met**"}
+    lines += ["", f"With a running server the flow takes {ratio:.2f}x the time of `dvc repro` (target ≤ "
+              f"{TARGETS['ratio_running_server']:g}x: {met[ratio <= TARGETS['ratio_running_server']]}), and a "
+              f"no-op run is {extra:.2f} s slower than a trivial flow (target ≤ +{TARGETS['noop_minus_trivial_s']:g} s: "
+              f"{met[extra <= TARGETS['noop_minus_trivial_s']]}). Params: {result['params']}; "
+              f"{result['cpu_threads']} CPU threads."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

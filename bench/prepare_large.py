@@ -118,6 +118,29 @@ def table(result: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _machine(result: dict) -> str:
+    return f"`bench/prepare_large.json`: {result['cpus']} CPUs, 1-min load average {result['load_average_1min']}."
+
+
+def markdown_prepare(result: dict) -> str:
+    """docs/your-data.md's prepare table of bench/prepare_large.json (bench/tables.py)."""
+    return "\n".join([
+        "| data | prepare time | throughput | peak RSS | peak RSS / data size |", "|---|---|---|---|---|",
+        f"| {result['data_mb']:,.0f} MB ({result['rows']:,} x {result['features']} {result['dtype']} + int64 labels) "
+        f"| {result['prepare_s']:.1f} s (two passes) | {result['throughput_mb_s']:,.0f} MB/s "
+        f"| {result['peak_rss_mb']:,.0f} MB | {result['peak_rss_over_data']:.2f} |",
+        "", _machine(result)])
+
+
+def markdown_train(result: dict) -> str:
+    """docs/your-data.md's train table of bench/prepare_large.json (bench/tables.py)."""
+    return "\n".join([
+        "| data | train: one epoch (MLP, threads 2) | train: peak RSS | peak RSS / data size |", "|---|---|---|---|",
+        f"| {result['data_mb']:,.0f} MB, its training split | {result['train_epoch_s']:.1f} s "
+        f"| {result['train_peak_rss_mb']:,.0f} MB | {result['train_peak_rss_over_data']:.3f} |",
+        "", _machine(result)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.prepare_large", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny dataset (20,000 x 32), for tests")

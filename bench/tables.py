@@ -21,9 +21,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import nets, train_speed
+from bench import benchmark, ddp, families, nets, orchestration, prepare_large, reference, train_speed
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+METRICS = ROOT / "metrics"
 DOCUMENTS = ["README.md", "docs/*.md"]
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
 
@@ -32,8 +34,22 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-# name: the table, rendered from the JSON the bench committed.
+def _results() -> str:
+    """The reference run's table: what `dvc repro` committed to metrics/."""
+    return reference.markdown(_json(METRICS / "evaluate.json"), _json(METRICS / "latency.json"),
+                              _json(METRICS / "export.json")["gate"], _json(METRICS / "train.json"))
+
+
+# name: the table, rendered from the JSON the bench (or the pipeline) committed.
 TABLES: dict[str, Callable[[], str]] = {
+    "results": _results,
+    "benchmark": lambda: benchmark.markdown(_json(BENCH / "results.json")),
+    "benchmark-targets": lambda: benchmark.markdown_targets(_json(BENCH / "results.json")),
+    "families": lambda: families.markdown(_json(families.RESULTS)),
+    "orchestration": lambda: orchestration.markdown(_json(BENCH / "orchestration.json")),
+    "ddp": lambda: ddp.markdown(_json(BENCH / "ddp.json")),
+    "prepare-large": lambda: prepare_large.markdown_prepare(_json(BENCH / "prepare_large.json")),
+    "prepare-large-train": lambda: prepare_large.markdown_train(_json(BENCH / "prepare_large.json")),
     "nets": lambda: nets.table(_json(nets.RESULTS)["results"]),
     "train-speed": lambda: train_speed.markdown(_json(train_speed.RESULTS)),
 }
