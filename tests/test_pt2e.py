@@ -53,6 +53,9 @@ def test_qat_pt2e_writes_an_int8_program_and_qats_metrics(tiny_workspace):
     targets = {node.target for node in program.graph.nodes}
     assert QDQ <= targets, "no quantize/dequantize pairs"
     assert not targets & pt2e.BATCH_NORMS, "BatchNorm was not folded into the convolutions"
+    # Folded away whole: no in-place update of its state left for ExecuTorch to keep.
+    assert not program.graph_signature.buffers_to_mutate
+    assert torch.ops.aten.add_.Tensor not in targets
     assert not workspace.qat_pt2e_checkpoint.exists()
 
 
