@@ -75,7 +75,7 @@ flow: setup
 	$(BIN)/python -m flows.pipeline $(FLOW_ARGS)
 
 # A parameter sweep, each point a DVC experiment, in parallel on Dask
-# (SWEEP_ARGS="--grid train.lr=1e-3,3e-3 --grid qat.epochs=2,4"; README: "Parallel sweeps on Dask").
+# (SWEEP_ARGS="--grid train.lr=1e-3,3e-3 --grid qat.epochs=2,4"; docs/scaling-out.md).
 sweep: setup
 	$(BIN)/python -m flows.sweep $(SWEEP_ARGS)
 

@@ -145,7 +145,7 @@ def check_push(root: Path) -> None:
         name = repo.config["core"].get("remote")
         if not name:
             raise PushError(f"--push needs a default DVC remote in {root}: "
-                            "dvc remote add -d NAME URL (README: Scaling out)")
+                            "dvc remote add -d NAME URL (docs/scaling-out.md)")
         url = repo.config["remote"].get(name, {}).get("url", "")
         if "://" in url and not url.startswith("file://"):
             return

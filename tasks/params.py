@@ -99,7 +99,7 @@ class ModelParams(Section):
 
 class DistributedParams(Section):
     # DDP processes on this machine: > 1 re-runs the stage under `torchrun --standalone` (gloo).
-    # Several machines: start the stage under torchrun on each (README: "Scaling out").
+    # Several machines: start the stage under torchrun on each (docs/scaling-out.md).
     nproc: Annotated[int, Field(ge=1, le=256)] = 1
 
 
@@ -123,7 +123,7 @@ class TrainParams(Section):
     patience: Epochs = 6
     # Where training runs (auto: CUDA when available) and in what precision (torch.autocast; fp16
     # with a GradScaler, CUDA only); channels_last memory format for 2-D convolutional nets.
-    # Conversion, export, parity and evaluation always run on CPU. README: "Your own hardware".
+    # Conversion, export, parity and evaluation always run on CPU. docs/your-hardware.md.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
@@ -175,8 +175,8 @@ class ExportParams(Section):
     parity_samples: Annotated[int, Field(ge=2, le=1_000_000)] = 500
     fp32_tolerance: Annotated[float, Field(gt=0, le=1)] = 1e-4
     # Another runtime's int8 kernels round differently from the reference's, so a near-tie may flip
-    # its argmax: 0.999 of 500 samples allowed no flip at all. 0.995 allows 2 in 500; a conversion
-    # fault (a wrong scale, layout or normalization) disagrees on far more.
+    # its argmax: 0.999 of 500 samples allowed no flip at all. 0.995 allows 2 in 500, and still
+    # refuses the input faults measured in docs/your-model.md down to a 2x scale.
     int8_min_agreement: Annotated[float, Field(gt=0, le=1)] = 0.995
     # Deployment gate, checked before any model is published: int8 QAT may lose at most this many
     # percentage points of test accuracy against fp32.

@@ -114,7 +114,7 @@ def refusal_message(config: ModelConfig, results: list[TargetCheck]) -> str | No
     lines = [f"{config.net} fails the model check: {r.reason}" if r.target == "model"
              else f"{config.net} cannot go through {r.target}: {r.reason}" for r in failed]
     lines.append(
-        "What to do: make forward traceable (README: Your own model → When a target refuses) and "
+        "What to do: make forward traceable (docs/your-model.md: When a target refuses) and "
         "re-check with `make check-model`; train checks every target, since `dvc repro` builds them "
         "all: TorchScript (qat → export, whose fp32.pt2 is torch.export's), ONNX (export_onnx), "
         "ExecuTorch (qat_pt2e → export_executorch)."
