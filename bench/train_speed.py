@@ -216,7 +216,8 @@ def markdown(result: dict) -> str:
               f"{'yes' if machine['native_bf16'] else 'no'}), torch {machine['torch']}, {machine['threads']} "
               f"threads, 1-min load average {machine['load_average_1min']}; batch {result['batch_size']}, "
               f"{result['rounds']} interleaved rounds of {result['steps_per_round']} steps per mode (medians); "
-              f"accuracy after {result['epochs']} epochs on {result['train_samples']:,} images. "
+              f"accuracy after {result['epochs']} epoch{'s' * (result['epochs'] != 1)} on {result['train_samples']:,} "
+              f"training images. "
               f"Recommended: **{result['recommended']['mode']}**: {result['recommended']['reason']}."]
     return "\n".join(lines)
 

@@ -48,8 +48,6 @@ def test_an_unknown_table_names_the_document(tmp_path):
         tables.render("<!-- table: nope -->\n<!-- end table -->\n", tmp_path / "doc.md")
 
 
-# Tables whose JSON no bench has committed yet: their marker may be missing from every document.
-NOT_YET_USED = {"train-speed"}
 LINK = re.compile(r"!?\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
 HEADING = re.compile(r"^#+ (?P<title>.+)$", re.MULTILINE)
@@ -58,7 +56,7 @@ HEADING = re.compile(r"^#+ (?P<title>.+)$", re.MULTILINE)
 def test_every_table_is_in_a_document_and_every_marker_is_a_table():
     used = {m["name"] for path in tables.documents(REPO) for m in tables.BLOCK.finditer(path.read_text())}
     assert used <= tables.TABLES.keys(), f"markers without a renderer: {sorted(used - tables.TABLES.keys())}"
-    unused = tables.TABLES.keys() - used - NOT_YET_USED
+    unused = tables.TABLES.keys() - used
     assert not unused, f"tables no document shows: {sorted(unused)}"
     assert "results" in {m["name"] for m in tables.BLOCK.finditer((REPO / "README.md").read_text())}
 
