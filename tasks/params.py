@@ -46,8 +46,9 @@ class DataParams(Section):
     image_mode: Literal["grayscale", "rgb"] = "grayscale"  # folders
     # Folders: an image with more pixels (width * height, read from its header before decoding)
     # is refused; see DEFAULT_MAX_IMAGE_PIXELS in tasks/readers.py for why this default. At most
-    # 100 MP: above PIL's own decompression-bomb limit (about 89 MP), which refuses such images anyway.
-    max_image_pixels: Annotated[int, Field(gt=0, le=100_000_000)] = DEFAULT_MAX_IMAGE_PIXELS
+    # 1,000 MP, a typo guard: above PIL's own decompression-bomb refusal (2 x 89 MP), which then
+    # refuses first (tests/test_hardening_inputs.py raises the cap to check that it does).
+    max_image_pixels: Annotated[int, Field(gt=0, le=1_000_000_000)] = DEFAULT_MAX_IMAGE_PIXELS
 
 
 class SplitFractions(Section):

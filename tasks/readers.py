@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.errors import DataError, quoted
+from tasks.errors import QUOTED_CHARS, DataError, quoted
 from tasks.npyio import NpyStream, npz_members
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -72,8 +72,10 @@ def read_csv(path: Path, label_column: str, require_labels: bool) -> CsvTable:
         raise DataError(f"{path}: empty file; a CSV needs a header row and data rows")
     header, body = [name.strip() for name in rows[0]], rows[1:]
     if label_column not in header and require_labels:
-        raise DataError(f"{path}: no label column {label_column!r} (columns: {quoted(header)}); "
-                        "set data.label_column")
+        names = ", ".join(header)
+        if len(names) > QUOTED_CHARS:  # a header of a million columns is not one line
+            names = names[:QUOTED_CHARS] + "…"
+        raise DataError(f"{path}: no label column {label_column!r} (columns: {names}); set data.label_column")
     for number, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise DataError(f"{path}: row {number} has {len(row)} cells, the header has {len(header)}")

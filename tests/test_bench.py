@@ -40,7 +40,9 @@ def test_quick_benchmark_on_tiny_workspace(tiny_workspace, tmp_path, capsys):
     run(*bench, "--out", str(tmp_path / "cpp"), "--runner", str(runner), cwd=REPO)
     results = json.loads((tmp_path / "cpp" / "results.json").read_text())
     for key in RATIOS:
-        assert isinstance(results[key], int | float) and results[key] >= 0, key
+        assert isinstance(results[key], int | float), key
+        # A ratio is positive; an accuracy drop is negative where int8 scores higher than fp32.
+        assert key.endswith("drop_pp") or results[key] > 0, (key, results[key])
         assert results["targets"][key]["passed"] in (True, False)
     # --quick skips the training overhead; the tiny workspace is no DVC project.
     assert results["train_overhead"] is None and results["noop_repro_s"] is None

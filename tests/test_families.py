@@ -40,12 +40,22 @@ def sequences(rng: np.random.Generator, y: np.ndarray) -> np.ndarray:
     return wave * np.array([1.0, -0.5])[:, None] + 0.3 * rng.normal(size=(len(y), 2, 32))
 
 
+def images(rng: np.random.Generator, y: np.ndarray) -> np.ndarray:
+    """8x8 noise with a bright 3x3 patch in one of three corners; uint8 like real pictures."""
+    x = rng.integers(0, 60, size=(len(y), 1, 8, 8))
+    for c, (r, col) in enumerate([(0, 0), (0, 5), (5, 2)]):
+        x[y == c, :, r : r + 3, col : col + 3] += 180
+    return x.astype(np.uint8)
+
+
 def write_prepared(root, layout: str, x_raw: np.ndarray, y: np.ndarray) -> None:
     """data/prepared as prepare writes it: standardized per feature/channel, x_raw kept for test."""
+    scale = 255.0 if x_raw.dtype == np.uint8 else 1.0
     axes = tuple(i for i in range(x_raw.ndim) if i != 1)
-    mean, std = x_raw.mean(axis=axes), x_raw.std(axis=axes)
-    broadcast = (1, -1) + (1,) * (x_raw.ndim - 2)
-    x = ((x_raw - mean.reshape(broadcast)) / std.reshape(broadcast)).astype(np.float32)
+    x = x_raw / scale
+    mean, std = x.mean(axis=axes), x.std(axis=axes)
+    broadcast = (1, -1) + (1,) * (x.ndim - 2)
+    x = ((x - mean.reshape(broadcast)) / std.reshape(broadcast)).astype(np.float32)
     bounds = {"train": (0, 168), "val": (168, 204), "test": (204, N)}
     prepared = Workspace(root).prepared
     prepared.mkdir(parents=True)
@@ -55,7 +65,7 @@ def write_prepared(root, layout: str, x_raw: np.ndarray, y: np.ndarray) -> None:
     (prepared / "meta.json").write_text(prepared_meta_text(PreparedMeta(
         source="synthetic", layout=layout, layout_reason="set by the test", class_names=CLASSES,
         input_shape=list(x.shape[1:]),
-        normalization=Normalization(scale=1.0, mean=mean.tolist(), std=std.tolist()),
+        normalization=Normalization(scale=scale, mean=mean.tolist(), std=std.tolist()),
         samples={split: hi - lo for split, (lo, hi) in bounds.items()},
     )))
 
