@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from prefect.states import Completed
 from flows import dvcrepo
 from flows.options import apply_overrides, parse_key_values
 from tasks.cli import run_command
+from tasks.contracts import RunSummary, read_report
 from tasks.errors import ParamsError, QatflowError
 from tasks.lifeline import pdeathsig_preexec
 from tasks.params import load_params, parse_params, safe_yaml
@@ -111,12 +111,12 @@ def publish_artifacts(root: Path, stages: list[dict]) -> dict:
     """The report evaluate wrote, attached to the flow run: its markdown summary (plus which stages
     this run ran) and its per-variant metrics table."""
     report = root / "plots" / "latency"
-    summary = json.loads((report / "summary.json").read_text())
-    create_table_artifact(summary["rows"], key="qatflow-metrics", description="Test-set metrics per variant")
+    summary = read_report(RunSummary, report / "summary.json")
+    create_table_artifact(summary.rows, key="qatflow-metrics", description="Test-set metrics per variant")
     ran = [s["stage"] for s in stages if s["ran"]]
     markdown = (report / "summary.md").read_text() + f"\n**Stages run**: {', '.join(ran) or 'none (all up to date)'}\n"
     create_markdown_artifact(markdown, key="qatflow-summary", description="qatflow run summary")
-    return {"gate_passed": summary["gate"]["passed"], **summary["headline"]}
+    return {"gate_passed": summary.gate.passed, **summary.headline}
 
 
 @flow(name="qatflow-pipeline", log_prints=True)

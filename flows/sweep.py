@@ -54,6 +54,7 @@ from flows.options import apply_overrides
 from flows.pipeline import start_temporary_server
 from tasks.atomic import write_json, write_text, write_with
 from tasks.cli import run_command
+from tasks.contracts import ExportReport, LatencyReport, read_report
 from tasks.csvsafe import safe_cell
 from tasks.errors import QatflowError
 from tasks.lifeline import pdeathsig_preexec
@@ -196,17 +197,17 @@ def run_point(project: str, head: str, changes: bytes, cache: str, point: Point,
 
 def point_row(point: Point, workspace: Path, experiment: str, log: Path) -> dict:
     """The point's line of the table, from the metrics its evaluate and export stages wrote."""
-    def metrics(name: str) -> dict:
-        return json.loads((workspace / "metrics" / f"{name}.json").read_text())
-
-    evaluate, latency = metrics("evaluate"), metrics("latency")
+    metrics = workspace / "metrics"
+    evaluate = json.loads((metrics / "evaluate.json").read_text())
+    latency = read_report(LatencyReport, metrics / "latency.json")
+    gate = read_report(ExportReport, metrics / "export.json").gate
     ran = [line.split("'")[1] for line in log.read_text().splitlines() if line.startswith("Running stage '")]
     return {
         "point": point.number, "overrides": point.label, "status": "completed", "experiment": experiment,
         "fp32_accuracy": evaluate[REFERENCE]["accuracy"], "int8_accuracy": evaluate[DEPLOYED]["accuracy"],
-        "int8_latency_ms": latency[DEPLOYED]["batch_1"]["median_ms"],
+        "int8_latency_ms": latency.variants[DEPLOYED]["batch_1"].median_ms,
         "int8_size_bytes": evaluate[DEPLOYED]["size_bytes"],
-        "gate_passed": metrics("export")["gate"]["passed"], "stages_run": " ".join(ran), "error": None,
+        "gate_passed": gate is not None and gate.passed, "stages_run": " ".join(ran), "error": None,
     }
 
 

@@ -4,10 +4,10 @@
   the model config in a .pt      ModelConfig    stored beside the weights by train and qat
   meta.json inside a model file  ExportedMeta   embedded by export, read by evaluate and predict
                                                 (in an .onnx file: its metadata_props
-                                                "qatflow.meta", read by tasks/deployed.py)
+                                                "qatflow.meta", read by tasks/runtimes/)
 
 No stage digs in a raw dict: a stale or hand-edited file is refused with its path and the field
-at fault. (deploy/cpp and tasks/parity_check.py read exported meta.json without this module on
+at fault. (deploy/cpp and tasks/runtimes/isolated.py read exported meta.json without this module on
 purpose: they prove a deployment needs nothing of qatflow.)
 """
 
@@ -16,13 +16,17 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from tasks.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 SampleLayout = Literal["vectors", "sequences", "images"]
 # `package.module:callable`, e.g. nets.resnet:build or tasks.model:cnn2d
@@ -125,6 +129,26 @@ def read_prepared_meta(prepared: Path) -> PreparedMeta:
     return parse_json(PreparedMeta, path.read_bytes(), str(path), "re-run prepare (dvc repro)")
 
 
+@dataclass(frozen=True)
+class TestSplit:
+    """data/prepared/test.npz in memory: normalized samples, labels, and the source values (the
+    parity checks feed exported files raw inputs, as a deployment would)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_raw: np.ndarray
+
+
+def read_test_split(prepared: Path) -> TestSplit:
+    path = prepared / "test.npz"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the stages before this one (dvc repro)")
+    import torch  # not at the top: params.py and the flows read this module, and need no torch
+
+    with np.load(path, allow_pickle=False) as test:
+        return TestSplit(torch.from_numpy(test["x"]), torch.from_numpy(test["y"]), test["x_raw"])
+
+
 def prepared_meta_text(meta: PreparedMeta) -> str:
     return meta.model_dump_json(indent=2) + "\n"
 
@@ -146,3 +170,91 @@ def read_exported_meta(path: Path, data: bytes | None = None) -> ExportedMeta:
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{path}: not a model file qatflow exported ({exc})") from None
     return parse_json(ExportedMeta, text, f"{path}: meta.json", "re-run export (dvc repro)")
+
+
+# The reports the export stages, evaluate and the flow hand on. Their files keep the flat layout
+# `dvc metrics show` and `dvc exp show` display (one column per variant and field): fixed fields,
+# plus one typed entry per variant name (pydantic's typed extras).
+
+
+class FileCheck(Contract):
+    """One published model file in its stage's report (metrics/<stage>.json): its runtime, what
+    its outputs were compared with in the isolated parity check, and the exact bytes published
+    (predict refuses a file whose sha256 is not listed)."""
+
+    runtime: str
+    runtime_version: str
+    against: str  # the eager model, or the file, its outputs were compared with
+    max_abs_diff: float
+    argmax_agreement: float
+    allclose: bool | None = None  # fp32 files: within export.fp32_tolerance
+    passed: bool
+    size_bytes: int
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    float_ops: dict[str, int] | None = None  # int8 files: ops the runtime runs in float ({}: none)
+
+
+class Gate(Contract):
+    """The deployment gate on one int8 file: its test accuracy drop against the eager fp32 model."""
+
+    variant: str
+    accuracy_drop: float  # percentage points
+    max_accuracy_drop: float
+    passed: bool
+
+
+class ExportReport(Contract):
+    """metrics/export.json, export_onnx.json, export_executorch.json: {variant: FileCheck, gate}."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    __pydantic_extra__: dict[str, FileCheck] = Field(init=False)
+    gate: Gate | None = None  # on the stage's deployable int8 file, where it has one
+
+    @property
+    def files(self) -> dict[str, FileCheck]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+class Timing(Contract):
+    median_ms: float
+    p90_ms: float
+
+
+class LatencyReport(Contract):
+    """metrics/latency.json: each variant's call time per batch size ("batch_1": Timing)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    __pydantic_extra__: dict[str, dict[str, Timing]] = Field(init=False)
+    threads: int
+    repeats: int
+    torch_version: str
+    cpu: str
+    int8_speedup_vs_fp32_ts: dict[str, float]
+
+    @property
+    def variants(self) -> dict[str, dict[str, Timing]]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+class RunSummary(Contract):
+    """plots/latency/summary.json: the run report's table and headline, which the flow publishes."""
+
+    gate: Gate
+    rows: list[dict[str, str | int | float]]  # one per variant: the flow's table artifact
+    headline: dict[str, float]  # int8_accuracy, fp32_accuracy, size_ratio
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def read_report(contract: type[R], path: Path) -> R:
+    """A stage's report, validated: a missing, stale or hand-edited one is refused by name."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the stages before this one (dvc repro)")
+    return parse_json(contract, path.read_bytes(), str(path), "re-run the stage that writes it (dvc repro)")
+
+
+def report_dict(report: BaseModel) -> dict:
+    """As written to JSON: the fixed fields, then each variant's entry; unset optional fields
+    (None) left out, as the stages wrote them before they were typed."""
+    return report.model_dump(mode="json", exclude_none=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,17 @@ from rich.table import Table
 from tasks import figures
 from tasks.atomic import StagedOutputs, staged_outputs
 from tasks.cli import run_stage
-from tasks.contracts import PreparedMeta, read_prepared_meta
+from tasks.contracts import (
+    ExportReport,
+    Gate,
+    LatencyReport,
+    PreparedMeta,
+    RunSummary,
+    read_prepared_meta,
+    read_report,
+    read_test_split,
+    report_dict,
+)
 from tasks.csvsafe import safe_cell
 from tasks.environment import cpu_name
 from tasks.inference import predict_logits, probabilities, time_calls
@@ -100,8 +109,8 @@ def evaluate(params: EvaluateParams, workspace: Workspace) -> dict:
     torch.set_num_threads(params.threads)
     meta = read_prepared_meta(workspace.prepared)
     names = meta.class_names
-    with np.load(workspace.prepared / "test.npz", allow_pickle=False) as test:
-        x, y, x_raw = torch.from_numpy(test["x"]), test["y"], test["x_raw"]
+    test = read_test_split(workspace.prepared)
+    x, y, x_raw = test.x, test.y.numpy(), test.x_raw
     n = len(y)
 
     metrics: dict = {"test_samples": n}
@@ -129,20 +138,21 @@ def evaluate(params: EvaluateParams, workspace: Workspace) -> dict:
         key: round(latency[BASELINE][key]["median_ms"] / latency[DEPLOYED][key]["median_ms"], 3)
         for key in latency[DEPLOYED]
     }
-    gate = json.loads(workspace.metrics("export").read_text())["gate"]
+    gate = read_report(ExportReport, workspace.metrics("export")).gate
+    typed_latency = LatencyReport.model_validate(latency)  # what the sweep and the docs read back
     with staged_outputs() as out:
         out.write_json(workspace.metrics("evaluate"), metrics)
-        out.write_json(workspace.latency, latency)
+        out.write_json(workspace.latency, report_dict(typed_latency))
         plots = out.path(workspace.plots("evaluate"), directory=True)
         write_tables(plots, names, y, scored)
         write_figures(out, plots, params, workspace, meta, x.numpy(), y, x_raw, scored, metrics, latency)
         rows = report_rows(metrics, latency)
-        out.write_json(workspace.plots("latency") / "summary.json", {
-            "gate": gate, "rows": rows,
-            "headline": {"int8_accuracy": metrics[DEPLOYED]["accuracy"],
-                         "fp32_accuracy": metrics[REFERENCE]["accuracy"],
-                         "size_ratio": metrics["size_ratio"]},
-        })
+        out.write_json(workspace.plots("latency") / "summary.json", report_dict(RunSummary(
+            gate=gate, rows=rows,
+            headline={"int8_accuracy": metrics[DEPLOYED]["accuracy"],
+                      "fp32_accuracy": metrics[REFERENCE]["accuracy"],
+                      "size_ratio": metrics["size_ratio"]},
+        )))
         out.write_text(workspace.plots("latency") / "summary.md", report_markdown(rows, gate, metrics, latency))
     print_summary(metrics, latency)
     return metrics
@@ -160,14 +170,14 @@ def report_rows(metrics: dict, latency: dict) -> list[dict]:
     return rows
 
 
-def report_markdown(rows: list[dict], gate: dict, metrics: dict, latency: dict) -> str:
+def report_markdown(rows: list[dict], gate: Gate, metrics: dict, latency: dict) -> str:
     batches = list(latency[DEPLOYED])
     speedups = ", ".join(f"{b.replace('_', ' ')}: {s:g}x" for b, s in latency["int8_speedup_vs_fp32_ts"].items())
     lines = [
         "# qatflow run",
         "",
-        f"**Gate** (export): passed (int8 drop {gate['accuracy_drop']:g} pp, limit "
-        f"{gate['max_accuracy_drop']:g} pp). **int8 vs fp32**: {metrics['size_ratio']:g}x smaller; "
+        f"**Gate** (export): passed (int8 drop {gate.accuracy_drop:g} pp, limit "
+        f"{gate.max_accuracy_drop:g} pp). **int8 vs fp32**: {metrics['size_ratio']:g}x smaller; "
         f"faster than optimized fp32 TorchScript at {speedups}. CPU: {latency['cpu']}, "
         f"{latency['threads']} threads.",
         "",

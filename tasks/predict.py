@@ -1,10 +1,9 @@
 """Predict with an exported model: `python -m tasks.predict MODEL INPUT [--out FILE]`
 (also installed as `qatflow-predict`).
 
-MODEL is models/int8.pt, models/fp32.pt or models/fp32.pt2, loaded with torch alone (no qatflow
-model code), models/int8.onnx or models/fp32.onnx, run by ONNX Runtime, or models/int8.pte, run by
-ExecuTorch (the runtime follows the extension): its embedded metadata (meta.json, the .onnx file's
-"qatflow.meta", the .pte's qatflow_meta method) says the input
+MODEL is any file an export stage wrote, run in its runtime (tasks/runtimes/, by extension: .pt
+TorchScript, .pt2 torch.export, .onnx ONNX Runtime, .pte ExecuTorch), with no qatflow model code:
+the metadata embedded in it says the input
 shape, the normalization and the class names. INPUT is an .npz (array `x`) or .npy, a CSV (a header
 row; a `label` column, if any, is ignored), or, for image models, an image file or a folder of
 images. Samples are shaped as prepare shaped the training data: vectors [F] take rows of any shape
@@ -12,9 +11,9 @@ with F values, sequences [C, L] take (N, L) when C is 1 or flat rows of C * L va
 [C, H, W] take (N, H, W) when C is 1. Writes one record per sample (id, label, class,
 probabilities) as JSON lines, or CSV when FILE ends in .csv; to stdout without --out.
 
-MODEL must be a file export wrote: its sha256 must be listed in metrics/export.json of its project
-(MODEL/../../metrics/export.json; metrics/export_onnx.json for an .onnx file,
-metrics/export_executorch.json for a .pte; or --manifest),
+MODEL must be a file an export stage wrote: its sha256 must be listed in that stage's report in
+its project (MODEL/../../metrics/<stage>.json: export.json for .pt and .pt2, export_onnx.json for
+.onnx, export_executorch.json for .pte; or --manifest),
 since loading TorchScript runs code from the file; --trust skips that check. Its output width
 must match its class names. Array inputs are checked from their NPY header (shape, dtype, size)
 before any data is read, then streamed in chunks: memory stays bounded by the chunk size, whatever
@@ -37,11 +36,11 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from tasks import runtimes
 from tasks.atomic import atomic_open
 from tasks.cli import run_command
-from tasks.contracts import ExportedMeta
+from tasks.contracts import ExportedMeta, ExportReport, read_report
 from tasks.csvsafe import safe_cell
-from tasks.deployed import load_deployed, read_meta
 from tasks.errors import DataError
 from tasks.inference import predict_logits, probabilities
 from tasks.npyio import CHUNK_BYTES, InMemory, NpyStream, Rows, chunk_rows
@@ -56,15 +55,14 @@ from tasks.readers import (
 )
 
 PROGRESS_FROM = 10_000  # samples; below this a bar only flickers
-MANIFEST = Path("metrics") / "export.json"  # export's report: the sha256 of every file it wrote
-# The reports of the other exporters, by the extension of the files they write.
-MANIFESTS = {".onnx": Path("metrics") / "export_onnx.json", ".pte": Path("metrics") / "export_executorch.json"}
 
 
 def default_manifest(model_path: Path) -> Path:
-    """metrics/export.json of the project the model lies in (models/<file> -> models/..).
+    """metrics/<stage>.json of the project the model lies in (models/<file> -> models/..), the
+    report of the stage that writes the file's runtime: metrics/export.json for .pt and .pt2.
     Not resolved: DVC may link models/ into its cache, and the cache has no metrics/ beside it."""
-    return Path(os.path.abspath(model_path)).parent.parent / MANIFESTS.get(model_path.suffix, MANIFEST)
+    stage = runtimes.for_file(model_path).STAGE
+    return Path(os.path.abspath(model_path)).parent.parent / "metrics" / f"{stage}.json"
 
 
 def verify_exported(model_path: Path, data: bytes, manifest: Path | None) -> None:
@@ -76,11 +74,10 @@ def verify_exported(model_path: Path, data: bytes, manifest: Path | None) -> Non
         raise DataError(f"{model_path}: cannot check that qatflow exported it: {listed} not found; "
                         f"give --manifest PATH, or {anyway}")
     try:
-        report = json.loads(listed.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{listed}: not readable as export's report ({exc}); {anyway}") from None
-    entries = report.values() if isinstance(report, dict) else []
-    if digest not in {e.get("sha256") for e in entries if isinstance(e, dict)}:
+        report = read_report(ExportReport, listed)
+    except DataError as exc:
+        raise DataError(f"{exc}; or {anyway}") from None
+    if digest not in {check.sha256 for check in report.files.values()}:
         raise DataError(f"{model_path}: sha256 {digest[:16]}... is not listed in {listed}: not a file "
                         f"qatflow exported, or changed since; {anyway}")
 
@@ -101,7 +98,7 @@ def read_model_file(path: Path, manifest: Path | None, trust: bool) -> bytes:
 def load_model(data: bytes, path: Path) -> tuple[torch.nn.Module, ExportedMeta]:
     """The model from the verified bytes; it must give one score per class name on one zero
     sample."""
-    model, meta = load_deployed(path, data)
+    model, meta = runtimes.load(path, data)
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, *meta.input_shape))
@@ -208,7 +205,7 @@ def predict(model_path: Path, input_path: Path, out: Path | None = None, batch_s
     is kept and None is returned (the command line: memory bounded by the chunk size)."""
     data = read_model_file(model_path, manifest, trust)
     # The inputs are checked against the metadata before the model is loaded (and its code runs).
-    meta = read_meta(model_path, data)
+    meta = runtimes.read_meta(model_path, data)
     rows, ids = open_inputs(input_path, meta.input_shape, model_path.name)
     model, _ = load_model(data, model_path)
     del data

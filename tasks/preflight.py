@@ -37,11 +37,11 @@ from rich.table import Table
 from tasks.cli import run_command
 from tasks.contracts import PREPARED_META, ExportedMeta, ModelConfig, Normalization, read_prepared_meta
 from tasks.errors import DataError, ModelError
-from tasks.export import to_torchscript
-from tasks.export_onnx import onnx_bytes
 from tasks.model import build_model, model_config
 from tasks.params import load_params
 from tasks.quant import fx, pt2e
+from tasks.runtimes import onnx
+from tasks.runtimes.torchscript import to_torchscript
 from tasks.workspace import project_workspace
 
 TARGETS = {"fx": "fx → torchscript", "pt2e": "torch.export → pt2e", "onnx": "onnx"}
@@ -206,8 +206,8 @@ def _onnx(config: ModelConfig, backend: str, example: torch.Tensor, made: dict) 
                 torch.backends.quantized.engine = backend
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always", torch.jit.TracerWarning)
-                payload = onnx_bytes(module, example, ExportedMeta(
-                    variant=variant, backend=None if variant == "fp32" else backend, **meta))
+                payload = onnx.export(module, example, ExportedMeta(
+                    variant=variant, backend=None if variant == "fp32" else backend, **meta)).payload
             if baked := _traced_branch(seen):
                 raise _Refused(baked)
             session = onnxruntime.InferenceSession(payload, providers=["CPUExecutionProvider"])

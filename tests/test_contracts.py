@@ -15,7 +15,7 @@ import torch
 from tasks.contracts import Normalization, read_exported_meta, read_prepared_meta
 from tasks.errors import DataError
 from tasks.model import load_checkpoint
-from tasks.variants import EXPORTED, VARIANTS
+from tasks.variants import VARIANTS, written_by
 
 from conftest import TINY_PARAMS, write_params
 
@@ -26,7 +26,7 @@ def test_what_the_stages_wrote_reads_back_typed(tiny_workspace):
     assert prepared.layout == "images" and prepared.input_shape == [1, 28, 28]
     assert prepared.layout_reason  # prepare says why it chose the layout
     _, config = load_checkpoint(workspace.train_model)
-    for name, variant in EXPORTED.items():
+    for name, variant in written_by("export").items():
         meta = read_exported_meta(variant.path(workspace))
         assert meta.variant == name and meta.model == config
         assert meta.normalization == prepared.normalization and meta.class_names == prepared.class_names

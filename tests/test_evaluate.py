@@ -28,12 +28,10 @@ from tasks.contracts import (
 )
 from tasks.errors import DataError
 from tasks.evaluate import evaluate
-from tasks.quant import pt2e
-from tasks.export import EXPORTERS
-from tasks.export_executorch import pte_bytes
-from tasks.export_onnx import onnx_bytes
 from tasks.model import build_model, model_config, save_checkpoint
 from tasks.params import EvaluateParams, ModelParams
+from tasks.quant import pt2e
+from tasks.runtimes import RUNTIMES
 from tasks.scores import calibration, class_scores, confusion_matrix
 from tasks.variants import VARIANTS
 from tasks.workspace import Workspace
@@ -70,10 +68,11 @@ def pt2e_int8_pte(model: torch.nn.Module, x: torch.Tensor, meta: ExportedMeta) -
     prepared.eval()
     with torch.no_grad():
         prepared(x)
-    return pte_bytes(pt2e.convert(prepared, x), x, meta)
+    return RUNTIMES["executorch"].export(pt2e.convert(prepared, x), x, meta).payload
 
 
-WRITERS = {**EXPORTERS, "onnxruntime": onnx_bytes, "executorch": pt2e_int8_pte}
+WRITERS = {name: (lambda m, x, meta, r=r: r.export(m, x, meta).payload) for name, r in RUNTIMES.items()}
+WRITERS["executorch"] = pt2e_int8_pte
 
 
 def save_export(variant: str, workspace: Workspace, model: torch.nn.Module, x: torch.Tensor,
@@ -132,7 +131,7 @@ def project(tmp_path_factory):
     save_export("int8_pte", workspace, model, xt, meta)
     workspace.metrics("export").parent.mkdir(parents=True, exist_ok=True)
     workspace.metrics("export").write_text(json.dumps(
-        {"gate": {"accuracy_drop": 0.0, "max_accuracy_drop": 0.5, "passed": True}}))
+        {"gate": {"variant": "int8", "accuracy_drop": 0.0, "max_accuracy_drop": 0.5, "passed": True}}))
     write_history(workspace.plots("train") / "history.csv", 5, 2.0)
     write_history(workspace.plots("qat") / "history.csv", 2, 0.3)
     return workspace, to_int8(untrained.eval(), xt), xt

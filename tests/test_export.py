@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from tasks.errors import GateFailed
-from tasks.export import PARITY_SCRIPT, export
-from tasks.variants import EXPORTED, VARIANTS
+from tasks.export import export
+from tasks.runtimes.gates import ISOLATED_SCRIPT
+from tasks.variants import VARIANTS, written_by
+
+EXPORTED = written_by("export")
 
 # A consumer that has never heard of qatflow: only torch, numpy and the file.
 CONSUMER = """
@@ -102,7 +105,7 @@ def test_fp32_exported_program_matches_torchscript_with_any_batch(tiny_workspace
 
 
 def test_parity_script_stands_alone():
-    source = PARITY_SCRIPT.read_text()
+    source = ISOLATED_SCRIPT.read_text()
     assert "from tasks" not in source and "import tasks" not in source
 
 

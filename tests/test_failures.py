@@ -217,7 +217,7 @@ def test_a_hidden_class_folder_is_named_in_a_warning(tmp_path):
                                             "prepare": {"split": {"train": 0.5, "val": 0.25, "test": 0.25}}})
     done = stage("prepare", tmp_path)
     assert done.returncode == 0, done.stderr
-    assert f"prepare: warning: data/raw/shapes/.extra is skipped, with its 15 image(s)" in done.stderr
+    assert "prepare: warning: data/raw/shapes/.extra is skipped, with its 15 image(s)" in done.stderr
 
 
 def test_a_csv_error_quotes_a_short_prefix_of_a_long_line(tmp_path):

@@ -160,6 +160,6 @@ def test_failed_gate_exits_1_and_publishes_nothing(tiny_workspace, tmp_path):
     stdout, stderr = done.communicate()
     assert done.returncode == 1, stdout + stderr
     message = stderr.strip().splitlines()
-    assert len(message) == 1 and message[0].startswith("export: error: int8 test accuracy is "), stderr
+    assert len(message) == 1 and message[0].startswith("export: error: int8 (models/int8.pt) test accuracy is "), stderr
     assert "over export.max_accuracy_drop = 0 pp; previous models and metrics left in place" in message[0]
     assert {p: p.read_bytes() for p in before} == before and not leftovers(tmp_path)

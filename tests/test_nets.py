@@ -17,8 +17,8 @@ from torch import nn
 
 from nets import mobilenet, resnet
 from tasks.quant import fx, pt2e
-from tasks.export_onnx import OPSET
 from tasks.quant.coverage import executorch_float_ops, fx_float_ops, onnx_float_ops
+from tasks.runtimes.onnx import OPSET
 
 SHAPE = [1, 16, 16]
 NETS = {"resnet": resnet.build, "mobilenet": mobilenet.build}

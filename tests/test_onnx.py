@@ -15,23 +15,25 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from test_families import CLASSES, N, images, sequences, vectors, write_prepared
 
-import tasks.export_onnx
+import tasks.runtimes.publish
 from tasks.atomic import write_with
-from tasks.contracts import ExportedMeta, Normalization, read_prepared_meta
-from tasks.deployed import ONNX_META_KEY, OnnxModel, read_meta
+from tasks.contracts import ExportedMeta, Normalization, read_prepared_meta, report_dict
 from tasks.errors import DataError, GateFailed
-from tasks.export import torchscript_bytes
-from tasks.export_onnx import PARITY_SCRIPT, export_onnx, onnx_bytes
+from tasks.export_onnx import export_onnx
 from tasks.model import build_model, load_checkpoint, model_config, save_checkpoint
 from tasks.params import ExportParams, ModelParams
 from tasks.predict import predict
 from tasks.quant.fx import convert, load_int8, prepare, save_prepared
-from tasks.variants import ONNX_EXPORTED, VARIANTS
+from tasks.runtimes import onnx as onnx_runtime
+from tasks.runtimes import read_meta, torchscript
+from tasks.runtimes.onnx import META_KEY as ONNX_META_KEY
+from tasks.runtimes.onnx import OnnxModel
+from tasks.variants import VARIANTS, written_by
 from tasks.workspace import Workspace
 
 from conftest import REPO
-from test_families import CLASSES, N, images, sequences, vectors, write_prepared
 
 PARAMS = ExportParams(parity_samples=36)  # the default gates: fp32 1e-4, int8 argmax 99.5 %
 FAMILIES = {  # family: (layout, data, widths)
@@ -75,9 +77,9 @@ def make_project(root: Path, family: str) -> Workspace:
                         normalization=prepared.normalization, backend=None,
                         torch_version=str(torch.__version__), model=config)
     write_with(VARIANTS["fp32_ts"].path(workspace),
-               lambda f: f.write(torchscript_bytes(fp32, x, meta)))
-    write_with(VARIANTS["int8"].path(workspace), lambda f: f.write(torchscript_bytes(
-        int8, x, meta.model_copy(update={"variant": "int8", "backend": backend}))))
+               lambda f: f.write(torchscript.export(fp32, x, meta).payload))
+    write_with(VARIANTS["int8"].path(workspace), lambda f: f.write(torchscript.export(
+        int8, x, meta.model_copy(update={"variant": "int8", "backend": backend})).payload))
     return workspace
 
 
@@ -86,14 +88,14 @@ def projects(tmp_path_factory) -> dict[str, tuple[Workspace, dict]]:
     made = {}
     for family in FAMILIES:
         workspace = make_project(tmp_path_factory.mktemp(family), family)
-        made[family] = workspace, export_onnx(PARAMS, workspace)
+        made[family] = workspace, report_dict(export_onnx(PARAMS, workspace))
     return made
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_exports_qdq_int8_and_passes_parity(projects, family):
     workspace, report = projects[family]
-    assert set(report) == set(ONNX_EXPORTED)
+    assert set(report) == set(written_by("export_onnx"))
     fp32, int8 = report["fp32_onnx"], report["int8_onnx"]
     assert fp32["allclose"] and fp32["max_abs_diff"] <= PARAMS.fp32_tolerance, fp32
     assert fp32["against"] == "models/fp32.pt" and int8["against"] == "models/int8.pt"
@@ -132,7 +134,7 @@ def test_onnx_files_run_without_qatflow_or_torch_and_carry_metadata(projects, tm
         labels = test["y"]
     prepared = read_prepared_meta(workspace.prepared)
     (tmp_path / "consumer.py").write_text(CONSUMER)
-    for name in ONNX_EXPORTED:
+    for name in written_by("export_onnx"):
         done = subprocess.run([sys.executable, "-I", str(tmp_path / "consumer.py"),
                                str(VARIANTS[name].path(workspace)), str(tmp_path / "inputs.npz")],
                               capture_output=True, text=True, check=True, cwd=tmp_path)
@@ -156,7 +158,7 @@ def test_export_gives_the_same_bytes_and_no_paths(projects):
         meta = ExportedMeta(variant=name, class_names=prepared.class_names, input_shape=prepared.input_shape,
                             normalization=prepared.normalization, backend=engine,
                             torch_version=str(torch.__version__), model=config)
-        again = onnx_bytes(module, x, meta)
+        again = onnx_runtime.export(module, x, meta).payload
         published = VARIANTS[name].path(workspace).read_bytes()
         assert again == published, name  # DVC hashes these bytes
         assert str(workspace.root).encode() not in again and b"site-packages" not in again
@@ -166,19 +168,19 @@ def test_export_gives_the_same_bytes_and_no_paths(projects):
 
 def test_failed_parity_keeps_previous_onnx_files(projects, monkeypatch):
     workspace, _ = projects["cnn1d"]  # its fp32 files differ by ~1e-6 (the MLP's match exactly)
-    kept = [*(v.path(workspace) for v in ONNX_EXPORTED.values()), workspace.metrics("export_onnx")]
+    kept = [*(v.path(workspace) for v in written_by("export_onnx").values()), workspace.metrics("export_onnx")]
     before = {p: p.read_bytes() for p in kept}
-    real = tasks.export_onnx.run_isolated
+    real = tasks.runtimes.publish.run_isolated
 
     def int8_disagrees(*args):  # as if ONNX Runtime ranked every sample's classes backwards
         logits = real(*args)
         logits["int8.onnx"] = -logits["int8.onnx"]
         return logits
 
-    monkeypatch.setattr(tasks.export_onnx, "run_isolated", int8_disagrees)
-    with pytest.raises(GateFailed, match=r"ONNX parity check failed \(fp32_onnx vs models/fp32.pt: .*; "
+    monkeypatch.setattr(tasks.runtimes.publish, "run_isolated", int8_disagrees)
+    with pytest.raises(GateFailed, match=r"export_onnx: parity check failed \(fp32_onnx vs models/fp32.pt: .*; "
                                          r"int8_onnx vs models/int8.pt: .*argmax agreement 0\.\d+\); "
-                                         r"previous ONNX models left in place"):
+                                         r"previous models left in place"):
         export_onnx(PARAMS.model_copy(update={"fp32_tolerance": 1e-30}), workspace)
     assert before == {p: p.read_bytes() for p in kept}
     assert not [p for p in workspace.root.rglob(".*") if p.name.endswith(".staged")]
@@ -248,11 +250,6 @@ def test_a_corrupted_onnx_file_is_refused_in_one_line(projects, tmp_path):
     assert (workspace.root / "models" / "int8.onnx").read_bytes() != model.read_bytes()  # the original stays
 
 
-def test_parity_script_stands_alone():
-    source = PARITY_SCRIPT.read_text()
-    assert "from tasks" not in source and "import tasks" not in source
-
-
 def test_a_1d_cnn_reading_vectors_exports_its_quantized_unsqueeze():
     # It adds the channel axis after FX quantized the input; ONNX has no quantized Unsqueeze.
     config = model_config("vectors", [10], 3, ModelParams(family="cnn1d", widths=[8], dropout=0.0))
@@ -266,7 +263,7 @@ def test_a_1d_cnn_reading_vectors_exports_its_quantized_unsqueeze():
     meta = ExportedMeta(variant="int8_onnx", class_names=["a", "b", "c"], input_shape=[10],
                         normalization=Normalization(scale=1.0, mean=[0.0], std=[1.0]), backend="x86",
                         torch_version=str(torch.__version__), model=config)
-    session = ort.InferenceSession(onnx_bytes(int8, x, meta), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(onnx_runtime.export(int8, x, meta).payload, providers=["CPUExecutionProvider"])
     assert torch.equal(int8(x), expected)  # the rewrite changed no int8 value
     logits = session.run(None, {"input": x.numpy()})[0]
     assert np.mean(logits.argmax(1) == expected.argmax(1).numpy()) >= PARAMS.int8_min_agreement

@@ -214,7 +214,9 @@ def test_trust_loads_a_model_export_did_not_list(tmp_path):
     with pytest.raises(DataError, match=r"m.pt: cannot check that qatflow exported it: .*metrics/export.json "
                        r"not found; give --manifest PATH, or --trust loads it anyway \(it runs code from the file\)"):
         predict(model, tmp_path / "in.npz")
-    (tmp_path / "export.json").write_text(json.dumps({"int8": {"sha256": "0" * 64}, "gate": {"passed": True}}))
+    listed = {"runtime": "torchscript", "runtime_version": "2", "against": "eager qat", "max_abs_diff": 0.0,
+              "argmax_agreement": 1.0, "passed": True, "size_bytes": 1, "sha256": "0" * 64}
+    (tmp_path / "export.json").write_text(json.dumps({"int8": listed}))
     with pytest.raises(DataError, match="is not listed in"):
         predict(model, tmp_path / "in.npz", manifest=tmp_path / "export.json")
     assert predict(model, tmp_path / "in.npz", trust=True).shape == (4, 3)

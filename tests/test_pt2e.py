@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.export_executorch
-from tasks.quant import pt2e
+import tasks.runtimes.publish
 from tasks.contracts import ModelConfig, read_prepared_meta
-from tasks.deployed import PTE_MAX_BATCH, PteModel, read_meta
 from tasks.errors import DataError, GateFailed
 from tasks.export_executorch import export_executorch
 from tasks.model import build_model
 from tasks.predict import predict
 from tasks.qat_pt2e import qat_pt2e
+from tasks.quant import pt2e
+from tasks.runtimes import read_meta
+from tasks.runtimes.executorch import MAX_BATCH as PTE_MAX_BATCH
+from tasks.runtimes.executorch import PteModel
 from tasks.variants import VARIANTS
 from tasks.workspace import Workspace
 
@@ -185,14 +187,14 @@ def test_failed_parity_keeps_the_previous_pte(tiny_workspace, tmp_path, monkeypa
                            "metrics/export_executorch.json")
     kept = [PTE.path(project), project.metrics("export_executorch")]
     before = {p: p.read_bytes() for p in kept}
-    real = tasks.export_executorch.run_isolated
+    real = tasks.runtimes.publish.run_isolated
 
     def backwards(*args):  # as if ExecuTorch ranked every sample's classes backwards
         return {name: -logits for name, logits in real(*args).items()}
 
-    monkeypatch.setattr(tasks.export_executorch, "run_isolated", backwards)
-    with pytest.raises(GateFailed, match=r"ExecuTorch parity check failed \(int8_pte vs models/qat_pt2e/int8.pt2: "
-                                         r"argmax agreement 0\.\d+\); previous model left in place"):
+    monkeypatch.setattr(tasks.runtimes.publish, "run_isolated", backwards)
+    with pytest.raises(GateFailed, match=r"export_executorch: parity check failed \(int8_pte vs models/qat_pt2e/int8.pt2: "
+                                         r".*argmax agreement 0\.\d+\); previous models left in place"):
         export_executorch(params.export, project)
     assert before == {p: p.read_bytes() for p in kept}
     assert not [p for p in project.root.rglob(".*") if p.name.endswith(".staged")]

@@ -25,7 +25,7 @@
 
 namespace {
 
-constexpr int64_t kInferenceBatch = 256;  // the same chunking as tasks/parity_check.py
+constexpr int64_t kInferenceBatch = 256;  // the same chunking as tasks/runtimes/isolated.py
 constexpr int kWarmupCalls = 5;           // as tasks/evaluate.py: the profiling executor specializes
                                           // the graph over the first calls
 

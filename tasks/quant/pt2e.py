@@ -43,7 +43,7 @@ from torchao.quantization.pt2e import (  # noqa: E402
 from torchao.quantization.pt2e import qat_utils  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e  # noqa: E402
 
-from tasks.deployed import PTE_MAX_BATCH  # noqa: E402
+from tasks.runtimes.executorch import MAX_BATCH as PTE_MAX_BATCH  # noqa: E402
 
 QUANTIZER = "xnnpack"
 # The batch dimension is dynamic up to this. ExecuTorch plans its memory for the largest batch,
