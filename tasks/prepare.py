@@ -35,8 +35,6 @@ from tasks.params import DataParams, PrepareParams, SplitFractions, load_params
 from tasks.sources import Source, load_source, sample_label
 from tasks.workspace import Workspace, project_workspace
 
-SPLITS = ("train", "val", "test")
-
 
 def _grouped_ranks(y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A random order grouped by class, and each sample's rank within its class in that order."""

@@ -46,11 +46,6 @@ def open_array_file(path: Path, key: str = "x") -> NpyStream:
     return array_stream(path, key)
 
 
-def read_array_file(path: Path, key: str = "x") -> np.ndarray:
-    """Array `key` of an .npz (or its only array), or the array in an .npy, loaded whole."""
-    return open_array_file(path, key).load()
-
-
 @dataclass(frozen=True)
 class CsvTable:
     features: np.ndarray  # (N, F) float32, every column but the label column
@@ -58,30 +53,63 @@ class CsvTable:
     columns: list[str]  # the feature columns' names
 
 
-def read_csv(path: Path, label_column: str, require_labels: bool) -> CsvTable:
-    """A CSV with a header row; a row of another width is refused, naming its line."""
+@contextmanager
+def _csv_reader(path: Path) -> Iterator[Iterator[list[str]]]:
     try:
         # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+            yield csv.reader(f)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read as CSV ({exc})") from None
-    while rows and not rows[-1]:  # blank lines at the end
-        rows.pop()
-    if not rows:
+
+
+def _scan_csv(path: Path, label_column: str, require_labels: bool,
+              body: list[list[str]] | None = None) -> tuple[list[str], int]:
+    """The one CSV parser, for prepare's sources (read_csv) and predict's input (CsvRows): one pass
+    checks the header row and that every row is as wide as it, naming the first row that is not;
+    blank lines are allowed only at the end. Returns the header (names stripped) and the number of
+    rows, which are appended to `body` if given, else kept nowhere."""
+    with _csv_reader(path) as reader:
+        first = next(reader, None)
+        if first is None:
+            raise DataError(f"{path}: empty file; a CSV needs a header row and data rows")
+        header = [name.strip() for name in first]
+        if header and require_labels:
+            _check_label_column(path, header, label_column)
+        count, blank_at = 0, None  # blank lines count only at the end of the file
+        for number, row in enumerate(reader, start=2):
+            if not row:
+                blank_at = blank_at or number
+                continue
+            if not header and require_labels:  # a blank first line, and more than blank lines after it
+                _check_label_column(path, header, label_column)
+            if blank_at is not None:
+                raise DataError(f"{path}: row {blank_at} has 0 cells, the header has {len(header)}")
+            if len(row) != len(header):
+                raise DataError(f"{path}: row {number} has {len(row)} cells, the header has {len(header)}")
+            count += 1
+            if body is not None:
+                body.append(row)
+    if not header:  # only blank lines (a first row that is blank with more rows fails above)
         raise DataError(f"{path}: empty file; a CSV needs a header row and data rows")
-    header, body = [name.strip() for name in rows[0]], rows[1:]
-    if label_column not in header and require_labels:
+    if not any(name != label_column for name in header):
+        raise DataError(f"{path}: no feature columns besides {label_column!r}")
+    return header, count
+
+
+def _check_label_column(path: Path, header: list[str], label_column: str) -> None:
+    if label_column not in header:
         names = ", ".join(header)
         if len(names) > QUOTED_CHARS:  # a header of a million columns is not one line
             names = names[:QUOTED_CHARS] + "…"
         raise DataError(f"{path}: no label column {label_column!r} (columns: {names}); set data.label_column")
-    for number, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DataError(f"{path}: row {number} has {len(row)} cells, the header has {len(header)}")
+
+
+def read_csv(path: Path, label_column: str, require_labels: bool) -> CsvTable:
+    """A CSV with a header row (_scan_csv), read whole; a header alone gives no rows."""
+    body: list[list[str]] = []
+    header, _ = _scan_csv(path, label_column, require_labels, body)
     keep = [i for i, name in enumerate(header) if name != label_column]
-    if not keep:
-        raise DataError(f"{path}: no feature columns besides {label_column!r}")
     cells = np.array(body, dtype=str).reshape(len(body), len(header))
     labels = None
     if label_column in header:
@@ -104,62 +132,28 @@ def _numbers(cells: np.ndarray, path: Path, columns: list[str], first_row: int =
         raise
 
 
-def read_csv_features(path: Path, label_column: str = "label") -> np.ndarray:
-    """Every column but `label_column` (if present) as float32; the first row is the header."""
-    table = read_csv(path, label_column, require_labels=False)
-    if len(table.features) == 0:
-        raise DataError(f"{path}: needs a header row and at least one data row")
-    return table.features
-
-
 CSV_CHUNK_CELLS = 250_000  # cells parsed at a time by CsvRows.chunks (about 40 MB at peak)
 
 
 class CsvRows:
-    """read_csv_features streamed (tasks.npyio.Rows): one pass here checks the header and every
-    row's width and counts the rows, keeping none; chunks() parses `rows` rows at a time."""
+    """Every column but `label_column` (if present) of a CSV as float32, streamed
+    (tasks.npyio.Rows): one pass here (_scan_csv) checks the header and every row's width and counts
+    the rows, keeping none; chunks() parses `rows` rows at a time."""
 
     def __init__(self, path: Path, label_column: str = "label") -> None:
         self.path, self.name, self.dtype = path, str(path), np.dtype(np.float32)
-        with self._reader() as reader:
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file; a CSV needs a header row and data rows")
-            header = [name.strip() for name in header]
-            count, blank_at = 0, None  # blank lines count only at the end of the file
-            for number, row in enumerate(reader, start=2):
-                if not row:
-                    blank_at = blank_at or number
-                    continue
-                if blank_at is not None:
-                    raise DataError(f"{path}: row {blank_at} has 0 cells, the header has {len(header)}")
-                if len(row) != len(header):
-                    raise DataError(f"{path}: row {number} has {len(row)} cells, the header has {len(header)}")
-                count += 1
-        if not header:  # only blank lines (a first row that is blank with more rows fails above)
-            raise DataError(f"{path}: empty file; a CSV needs a header row and data rows")
-        self.keep = [i for i, name in enumerate(header) if name != label_column]
-        if not self.keep:
-            raise DataError(f"{path}: no feature columns besides {label_column!r}")
+        header, count = _scan_csv(path, label_column, require_labels=False)
         if count == 0:
             raise DataError(f"{path}: needs a header row and at least one data row")
+        self.keep = [i for i, name in enumerate(header) if name != label_column]
         self.columns = [header[i] for i in self.keep]
         self.width = len(header)
         self.shape = (count, len(self.keep))
         # Parsed cells are Python strings (about 60 bytes each) before they are numbers.
         self.max_rows = max(1, CSV_CHUNK_CELLS // self.width)
 
-    @contextmanager
-    def _reader(self) -> Iterator[Iterator[list[str]]]:
-        try:
-            # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
-            with open(self.path, newline="", encoding="utf-8-sig") as f:
-                yield csv.reader(f)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"{self.path}: cannot read as CSV ({exc})") from None
-
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
-        with self._reader() as reader:
+        with _csv_reader(self.path) as reader:
             next(reader)
             done = 0
             while done < self.shape[0]:

@@ -17,10 +17,6 @@ class Workspace:
     root: Path
 
     @property
-    def params(self) -> Path:
-        return self.root / "params.yaml"
-
-    @property
     def prepared(self) -> Path:
         return self.root / "data" / "prepared"
 
