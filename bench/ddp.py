@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.scratch import default_params
 from tasks.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ SECONDS = re.compile(r"^train: best epoch \d+/(\d+), val accuracy ([0-9.]+), ([0
 
 def start_train(project: Path, nproc: int, epochs: int) -> subprocess.Popen:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"] = {"epochs": epochs, "threads": 1, "patience": epochs, "distributed": {"nproc": nproc}}
+    params["train"] |= {"epochs": epochs, "threads": 1, "patience": epochs, "distributed": {"nproc": nproc}}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO), "QATFLOW_RUN_NAME": f"nproc{nproc}"}
     return subprocess.Popen([sys.executable, "-m", "tasks.train"], cwd=project, env=env, text=True,
@@ -55,7 +56,7 @@ def measure(epochs: int, max_samples: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="qatflow-bench-ddp-") as tmp:
         project = Path(tmp)
         (project / "data" / "raw").mkdir(parents=True)
-        (project / "params.yaml").write_text(yaml.safe_dump({"data": {"max_samples": max_samples}}))
+        (project / "params.yaml").write_text(yaml.safe_dump(default_params(data={"max_samples": max_samples})))
         subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=project, check=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
         runs = [result_of(start_train(project, nproc, epochs), nproc) for nproc in (1, 2)]

@@ -41,6 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.scratch import default_params
 from tasks.evaluate import cpu_name, evaluate
 from tasks.export import export
 from tasks.export_onnx import export_onnx
@@ -140,7 +141,7 @@ def run_case(case: Case) -> dict:
         raw = workspace.root / "data" / "raw"
         raw.mkdir(parents=True)
         overrides = merged(COMMON, {"data": {"source": case.write_source(raw)}}, case.params)
-        params = parse_params(overrides)
+        params = parse_params(default_params(**overrides))
         start = time.perf_counter()
         meta = prepare(params.data, params.prepare, workspace)
         trained = train(params.train, workspace)

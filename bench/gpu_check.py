@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.scratch import default_params
 from tasks.errors import QatflowError
 from tasks.params import parse_params
 from tasks.training.device import Hardware
@@ -38,14 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 DEVICE, PRECISION, CHANNELS_LAST = "device", "precision", "channels_last"
 TRAINED_BY = {"train": "train", "qat": "qat", "qat_pt2e": "qat"}  # stage: its params section
 STAGES = ["prepare", "train", "qat", "qat_pt2e", "export"]
-TINY_PARAMS = {
+TINY_PARAMS = default_params(**{
     "data": {"source": "builtin:mnist5k", "max_samples": 1000},
     "prepare": {"seed": 0, "split": {"train": 0.7, "val": 0.15, "test": 0.15}},
     "train": {"epochs": 3, "batch_size": 32, "lr": 0.01, "patience": 5,
               "model": {"widths": [32, 64], "dropout": 0.1}},
     "qat": {"epochs": 2, "freeze_bn_epoch": 1, "freeze_observers_epoch": 1, "ptq_calibration_batches": 4},
     "export": {"parity_samples": 40, "max_accuracy_drop": 100.0},
-}
+})
 
 
 def fail(message: str) -> None:

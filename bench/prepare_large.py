@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from bench.scratch import default_params
 from tasks.atomic import write_json
 from tasks.npyio import NpzWriter
 
@@ -81,7 +82,7 @@ def measure(rows: int, features: int, scratch: Path) -> dict:
         write_dataset(project / "data/raw/large.npz", rows, features)
         written = time.perf_counter() - start
         params = {"data": {"source": "data/raw/large.npz"}, "train": {"epochs": 1, "patience": 1}}
-        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        (project / "params.yaml").write_text(yaml.safe_dump(default_params(**params)))
         seconds, peak, _ = run_stage(project, "prepare")
         prepared = sum(p.stat().st_size for p in (project / "data/prepared").iterdir())
         _, train_peak, output = run_stage(project, "train")

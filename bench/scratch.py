@@ -28,12 +28,18 @@ def project_env(author: str = "qatflow") -> dict:
     }
 
 
+def _merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` on top, mapping into mapping (a nested key changes only itself)."""
+    return {**base, **{key: _merged(base[key], value)
+                       if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+                       for key, value in changes.items()}}
+
+
 def default_params(**sections: dict) -> dict:
-    """The repository's params.yaml with each given section's values on top of its own."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in sections.items():
-        params[section] = {**params[section], **values}
-    return params
+    """The repository's params.yaml, the one place values live (tasks/params.py has no defaults),
+    with the given sections' values on top, key by nested key: default_params(train={"model":
+    {"widths": [8]}}) changes train.model.widths and keeps every other train.model key."""
+    return _merged(yaml.safe_load((REPO / "params.yaml").read_text()), sections)
 
 
 def _git_dvc(*args: str, cwd: Path, env: dict) -> None:
@@ -44,7 +50,9 @@ def _git_dvc(*args: str, cwd: Path, env: dict) -> None:
 
 def scratch_project(root: Path, params: dict, author: str = "qatflow") -> dict:
     """Lays the project out at `root` (an empty or missing folder) and returns the environment to
-    run it with."""
+    run it with. `params` are changes to the repository's params.yaml (default_params): every key
+    dvc.yaml lists must be in the project's params.yaml."""
+    params = default_params(**params)
     for code in CODE:
         shutil.copytree(REPO / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
     for name in FILES:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.scratch import default_params
 from tasks.atomic import write_json
 from tasks.augment import random_shift
 from tasks.contracts import read_prepared_meta
@@ -38,7 +39,7 @@ from tasks.inference import predict_logits
 from tasks.training.fit import load_split
 from tasks.training.runner import seed_everything
 from tasks.model import build_model, model_config
-from tasks.params import DataParams, ModelParams, PrepareParams, TrainParams
+from tasks.params import parse_params
 from tasks.prepare import prepare
 from tasks.training.device import Hardware, cpu_state, native_cpu_bf16
 from tasks.workspace import Workspace
@@ -51,8 +52,9 @@ MODES = {  # name: (precision, channels_last)
     "channels_last": ("fp32", True),
     "bf16+channels_last": ("bf16", True),
 }
-STAGE = TrainParams()  # the train stage's defaults: batch, threads, optimizer, LR, smoothing, shift
-MAX_DROP_PP = 0.5  # export.max_accuracy_drop's default
+PARAMS = parse_params(default_params())  # params.yaml's
+STAGE = PARAMS.train  # the train stage's batch, threads, optimizer, LR, smoothing, shift
+MAX_DROP_PP = PARAMS.export.max_accuracy_drop
 
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, hardware: Hardware,
@@ -67,7 +69,7 @@ def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, hardware: Har
 
 
 def default_cnn(data: dict) -> torch.nn.Module:
-    return build_model(model_config(data["layout"], data["input_shape"], data["classes"], ModelParams()))
+    return build_model(model_config(data["layout"], data["input_shape"], data["classes"], STAGE.model))
 
 
 def fresh(mode: str, data: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, Hardware]:
@@ -177,7 +179,8 @@ def load_data(max_samples: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="qatflow-bench-train-speed-") as tmp:
         workspace = Workspace(Path(tmp))
         (workspace.root / "data" / "raw").mkdir(parents=True)
-        prepare(DataParams(max_samples=max_samples), PrepareParams(), workspace)
+        params = parse_params(default_params(data={"max_samples": max_samples}))
+        prepare(params.data, params.prepare, workspace)
         meta = read_prepared_meta(workspace.prepared)
         data = {"layout": meta.layout, "input_shape": meta.input_shape, "classes": len(meta.class_names)}
         for name in ("train", "test"):

@@ -1,4 +1,11 @@
-"""The one schema for params.yaml. Every stage loads its section through `load_params`."""
+"""The one schema for params.yaml. Every stage loads its section through `load_params`.
+
+Values live in one place, params.yaml: this schema holds types, bounds and what each key means,
+and no defaults. Every field is required, so every knob a stage reads is a key of params.yaml,
+which dvc.yaml can list for the stages that read it (DVC sees params.yaml only: a default kept
+here would change what a stage does without re-running it). A key missing from the file is a
+ParamsError naming it. Code that wants "the defaults with a change" starts from params.yaml
+(bench/scratch.py's default_params)."""
 
 from __future__ import annotations
 
@@ -12,7 +19,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, Va
 
 from tasks.contracts import NET_REFERENCE
 from tasks.errors import ParamsError, quoted
-from tasks.readers import DEFAULT_MAX_IMAGE_PIXELS
 
 Threads = Annotated[int, Field(ge=1, le=256)]
 # Upper bounds are typo guards, generous for real use: an extra digit or three is refused by name
@@ -32,29 +38,29 @@ class Section(BaseModel):
 class DataParams(Section):
     # builtin:mnist5k, builtin:digits, or a path (relative to the project root) to an .npz file,
     # a .csv file or a folder with one sub-folder of images per class.
-    source: Annotated[str, Field(min_length=1)] = "builtin:mnist5k"
-    max_samples: Annotated[int, Field(gt=0, le=1_000_000_000)] | None = None  # a billion samples
+    source: Annotated[str, Field(min_length=1)]
+    max_samples: Annotated[int, Field(gt=0, le=1_000_000_000)] | None  # a billion samples
     # How samples are read: (N, F) vectors, (N, C, L) sequences or (N, C, H, W) images; the model
     # family follows from it. "auto" decides from the array's shape and, for 2-D x (N, F), from
     # whether its columns are an ordered signal (neighbouring columns correlate more than the rest)
     # or tabular features (tasks/layout.py); meta.json's layout_reason says why. Set one to override.
-    layout: Literal["auto", "vectors", "sequences", "images"] = "auto"
-    label_column: Annotated[str, Field(min_length=1)] = "label"  # CSV sources
+    layout: Literal["auto", "vectors", "sequences", "images"]
+    label_column: Annotated[str, Field(min_length=1)]  # CSV sources
     # Folders: [H, W], each at most 8192 (a 67 MP input, far past any classifier's); prepare also
     # refuses a size whose float32 images would not fit in the memory available (tasks/readers.py).
-    image_size: list[Annotated[int, Field(gt=0, le=8192)]] = Field(default=[28, 28], min_length=2, max_length=2)
-    image_mode: Literal["grayscale", "rgb"] = "grayscale"  # folders
+    image_size: Annotated[list[Annotated[int, Field(gt=0, le=8192)]], Field(min_length=2, max_length=2)]
+    image_mode: Literal["grayscale", "rgb"]  # folders
     # Folders: an image with more pixels (width * height, read from its header before decoding)
-    # is refused; see DEFAULT_MAX_IMAGE_PIXELS in tasks/readers.py for why this default. At most
+    # is refused; see DEFAULT_MAX_IMAGE_PIXELS in tasks/readers.py for why params.yaml's value. At most
     # 1,000 MP, a typo guard: above PIL's own decompression-bomb refusal (2 x 89 MP), which then
     # refuses first (tests/test_hardening_inputs.py raises the cap to check that it does).
-    max_image_pixels: Annotated[int, Field(gt=0, le=1_000_000_000)] = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: Annotated[int, Field(gt=0, le=1_000_000_000)]
 
 
 class SplitFractions(Section):
-    train: Fraction = 0.8
-    val: Fraction = 0.1
-    test: Fraction = 0.1
+    train: Fraction
+    val: Fraction
+    test: Fraction
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitFractions:
@@ -65,8 +71,8 @@ class SplitFractions(Section):
 
 
 class PrepareParams(Section):
-    seed: Seed = 0
-    split: SplitFractions = SplitFractions()
+    seed: Seed
+    split: SplitFractions
 
 
 def _family(value: str) -> str:
@@ -79,17 +85,17 @@ def _family(value: str) -> str:
 class ModelParams(Section):
     # auto | mlp | cnn1d | cnn2d (auto: mlp for vectors, cnn1d for sequences, cnn2d for images), or
     # your own net as `module:callable`, e.g. nets.resnet:build for nets/resnet.py (tasks/model.py).
-    family: Annotated[str, AfterValidator(_family)] = "auto"
+    family: Annotated[str, AfterValidator(_family)]
     # The built-in families' shape: channels per conv stage (CNNs) or units per hidden layer (MLP);
     # null: the family's default.
-    widths: list[Annotated[int, Field(gt=0, le=4096)]] | None = Field(default=None, min_length=1, max_length=6)
-    convs_per_stage: Annotated[int, Field(ge=1, le=4)] = 2  # CNNs; the first stage has one
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    widths: Annotated[list[Annotated[int, Field(gt=0, le=4096)]], Field(min_length=1, max_length=6)] | None
+    convs_per_stage: Annotated[int, Field(ge=1, le=4)]  # CNNs; the first stage has one
+    dropout: Annotated[float, Field(ge=0, lt=1)]
     # Keyword arguments for the callable (plain YAML values); for a built-in family they override
     # the three above.
-    kwargs: dict[str, JsonValue] = {}
+    kwargs: dict[str, JsonValue]
     # A local state_dict to fine-tune from, under data/raw/ or nets/ (both are train's DVC deps).
-    weights: Annotated[str, Field(pattern=r"^(data/raw|nets)/")] | None = None
+    weights: Annotated[str, Field(pattern=r"^(data/raw|nets)/")] | None
 
     @model_validator(mode="after")
     def _weights_stay_inside(self) -> ModelParams:
@@ -101,7 +107,7 @@ class ModelParams(Section):
 class DistributedParams(Section):
     # DDP processes on this machine: > 1 re-runs the stage under `torchrun --standalone` (gloo).
     # Several machines: start the stage under torchrun on each (docs/scaling-out.md).
-    nproc: Annotated[int, Field(ge=1, le=256)] = 1
+    nproc: Annotated[int, Field(ge=1, le=256)]
 
 
 def _check_batch_split(batch_size: int, nproc: int) -> None:
@@ -111,27 +117,27 @@ def _check_batch_split(batch_size: int, nproc: int) -> None:
 
 
 class TrainParams(Section):
-    seed: Seed = 0
-    threads: Threads = 2
-    epochs: Epochs = 20
-    batch_size: BatchSize = 64
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: Annotated[float, Field(gt=0, le=10)] = 3e-3
-    weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
-    scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    augment_shift: Annotated[int, Field(ge=0, le=8)] = 2
-    patience: Epochs = 6
+    seed: Seed
+    threads: Threads
+    epochs: Epochs
+    batch_size: BatchSize
+    optimizer: Literal["adamw", "sgd"]
+    lr: Annotated[float, Field(gt=0, le=10)]
+    weight_decay: Annotated[float, Field(ge=0, le=1)]
+    scheduler: Literal["onecycle", "cosine", "constant"]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    augment_shift: Annotated[int, Field(ge=0, le=8)]
+    patience: Epochs
     # Where training runs (auto: CUDA when available) and in what precision (torch.autocast; fp16
     # with a GradScaler, CUDA only); channels_last memory format for 2-D convolutional nets.
     # Conversion, export, parity and evaluation always run on CPU. docs/your-hardware.md.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["fp32", "bf16", "fp16"]
     # make bench-train's choice: the fastest mode that repeats bitwise within 0.5 pp of fp32's
     # accuracy, on both CPUs measured (docs/your-hardware.md).
-    channels_last: bool = True
-    model: ModelParams = ModelParams()
-    distributed: DistributedParams = DistributedParams()
+    channels_last: bool
+    model: ModelParams
+    distributed: DistributedParams
 
     @model_validator(mode="after")
     def _batch_splits_over_processes(self) -> TrainParams:
@@ -147,25 +153,25 @@ def _qat_precision(value: str) -> str:
 
 
 class QatParams(Section):
-    seed: Seed = 0
-    threads: Threads = 2
-    backend: Literal["x86", "qnnpack"] = "x86"
-    epochs: Epochs = 4
-    batch_size: BatchSize = 64
-    lr: Annotated[float, Field(gt=0, le=10)] = 1e-4
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    freeze_bn_epoch: Annotated[int, Field(ge=0, le=10_000)] = 2
+    seed: Seed
+    threads: Threads
+    backend: Literal["x86", "qnnpack"]
+    epochs: Epochs
+    batch_size: BatchSize
+    lr: Annotated[float, Field(gt=0, le=10)]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    freeze_bn_epoch: Annotated[int, Field(ge=0, le=10_000)]
     # Observers must see at least one epoch of data before they freeze, or int8 conversion has
     # no ranges to work with.
-    freeze_observers_epoch: Epochs = 3
-    ptq_calibration_batches: Annotated[int, Field(gt=0, le=10_000)] = 16  # 10,000 batches: far past converged ranges
+    freeze_observers_epoch: Epochs
+    ptq_calibration_batches: Annotated[int, Field(gt=0, le=10_000)]  # 10,000 batches: far past converged ranges
     # Where fake-quant fine-tuning runs (auto: CUDA when available), and channels_last as train's.
     # Precision stays fp32: torch 2.13's fake-quant kernels take float32 only, and bf16/fp16
     # autocast hands them bf16/fp16 activations ("expected scalar type Float but found BFloat16").
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Annotated[str, AfterValidator(_qat_precision)] = "fp32"
-    channels_last: bool = False
-    distributed: DistributedParams = DistributedParams()  # both engines, qat and qat_pt2e
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Annotated[str, AfterValidator(_qat_precision)]
+    channels_last: bool
+    distributed: DistributedParams  # both engines, qat and qat_pt2e
 
     @model_validator(mode="after")
     def _batch_splits_over_processes(self) -> QatParams:
@@ -175,33 +181,33 @@ class QatParams(Section):
 
 class ExportParams(Section):
     # 2+: the .pt2 export needs a batch > 1; at most 1,000,000, more than any test split here.
-    parity_samples: Annotated[int, Field(ge=2, le=1_000_000)] = 500
-    fp32_tolerance: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    parity_samples: Annotated[int, Field(ge=2, le=1_000_000)]
+    fp32_tolerance: Annotated[float, Field(gt=0, le=1)]
     # Another runtime's int8 kernels round differently from the reference's, so a near-tie may flip
     # its argmax: 0.999 of 500 samples allowed no flip at all. 0.995 allows 2 in 500, and still
     # refuses the input faults measured in docs/your-model.md down to a 2x scale.
-    int8_min_agreement: Annotated[float, Field(gt=0, le=1)] = 0.995
+    int8_min_agreement: Annotated[float, Field(gt=0, le=1)]
     # Deployment gate, checked before any model is published: int8 QAT may lose at most this many
     # percentage points of test accuracy against fp32.
-    max_accuracy_drop: Annotated[float, Field(ge=0, le=100)] = 0.5
+    max_accuracy_drop: Annotated[float, Field(ge=0, le=100)]
 
 
 class EvaluateParams(Section):
-    threads: Threads = 2
+    threads: Threads
     # At most 16 sizes of at most 65,536 samples each, and 10,000 timed calls per size: a
     # latency table, not a load test.
-    latency_batch_sizes: list[BatchSize] = Field(default=[1, 64], min_length=1, max_length=16)
-    latency_repeats: Annotated[int, Field(ge=3, le=10_000)] = 50
-    misclassified_shown: Annotated[int, Field(ge=1, le=100)] = 25
+    latency_batch_sizes: Annotated[list[BatchSize], Field(min_length=1, max_length=16)]
+    latency_repeats: Annotated[int, Field(ge=3, le=10_000)]
+    misclassified_shown: Annotated[int, Field(ge=1, le=100)]
 
 
 class Params(Section):
-    data: DataParams = DataParams()
-    prepare: PrepareParams = PrepareParams()
-    train: TrainParams = TrainParams()
-    qat: QatParams = QatParams()
-    export: ExportParams = ExportParams()
-    evaluate: EvaluateParams = EvaluateParams()
+    data: DataParams
+    prepare: PrepareParams
+    train: TrainParams
+    qat: QatParams
+    export: ExportParams
+    evaluate: EvaluateParams
 
 
 def parse_params(raw: object, origin: str = "params") -> Params:
@@ -217,6 +223,8 @@ def parse_params(raw: object, origin: str = "params") -> Params:
             message = err["msg"]
             if err["type"] == "extra_forbidden":
                 message = "unknown key"
+            elif err["type"] == "missing":
+                message = "missing: every key needs a value in the params file (the schema has no defaults)"
             elif "input" in err and err["type"] != "missing":
                 message += f" (got {quoted(err['input'])})"
             problems.append(f"  {key}: {message}")

@@ -59,8 +59,44 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def write_params(path: Path, params: dict) -> Path:
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    """Writes a params file: the repository's params.yaml with `params` on top (the schema has no
+    defaults, so a file lists every key)."""
+    path.write_text(yaml.safe_dump(scratch.default_params(**params), sort_keys=False))
     return path
+
+
+def params_of(changes: dict):
+    """The validated Params of the repository's params.yaml with `changes` on top."""
+    from tasks.params import parse_params
+
+    return parse_params(scratch.default_params(**changes))
+
+
+def schema_keys(model=None, prefix: str = "") -> set[str]:
+    """Every leaf key of the params schema, dotted: train.model.family, qat.distributed.nproc, ..."""
+    from tasks.params import Params, Section
+
+    keys = set()
+    for name, field in (model or Params).model_fields.items():
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, Section):
+            keys |= schema_keys(inner, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def section(name: str, **values):
+    """One section of params_of, by its dotted name, with `values` changed in it:
+    section("train.model", widths=[8]) is params.yaml's train.model with widths [8]."""
+    *outer, last = name.split(".")
+    changes: dict = {last: values}
+    for key in reversed(outer):
+        changes = {key: changes}
+    found = params_of(changes)
+    for key in name.split("."):
+        found = getattr(found, key)
+    return found
 
 
 def run(*args: str, cwd: Path, env: dict | None = None) -> str:
@@ -91,6 +127,9 @@ def locked_outputs(project: Path) -> dict[str, str]:
 
 # The TensorBoard run name of repro_project's stages (runs/<stage>/<name>), tiny_workspace's too.
 REPRO_RUN_NAME = "e2e"
+
+# Beside the reproduced project: one line per stage process, the params keys it read.
+PARAMS_READ = "params_read.jsonl"
 
 # Outputs whose bytes depend on measured time; everything else must reproduce exactly.
 TIMING_OUTPUTS = {"metrics/latency.json", "plots/latency"}
@@ -130,6 +169,9 @@ def _repro_run(tmp_path_factory) -> tuple[Path, str, dict[str, str]]:
     with FileLock(shared / "reproduced.lock"):
         if not done.exists():
             env = init_tiny_project(root) | {"QATFLOW_RUN_NAME": REPRO_RUN_NAME}
+            # Which params keys each stage reads, for test_dvc_params (tests/params_read/).
+            tracer = [str(REPO / "tests" / "params_read"), *filter(None, [env.get("PYTHONPATH")])]
+            env |= {"PYTHONPATH": os.pathsep.join(tracer), "QATFLOW_PARAMS_READ": str(root.parent / PARAMS_READ)}
             first = dvc("repro", cwd=root, env=env)
             done.write_text(json.dumps({"output": first, "outputs": locked_outputs(root)}))
         made = json.loads(done.read_text())
@@ -168,7 +210,6 @@ def tiny_workspace(reproduced, tmp_path_factory: pytest.TempPathFactory):
     tasks.<stage>` in its own process, copied into a plain folder (no DVC project). The stages'
     outputs repeat byte for byte (test_flow, test_faults), so this is what running them in-process
     would write; evaluate's outputs are left out, for the tests that run it."""
-    from tasks.params import parse_params
     from tasks.workspace import Workspace
 
     root = tmp_path_factory.mktemp("workspace")
@@ -178,4 +219,4 @@ def tiny_workspace(reproduced, tmp_path_factory: pytest.TempPathFactory):
         source, target = reproduced / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
-    return Workspace(root), parse_params(TINY_PARAMS)
+    return Workspace(root), params_of(TINY_PARAMS)

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from tasks.errors import DataError, ParamsError
-from tasks.params import load_params, parse_params
+from tasks.params import load_params
 from tasks.prepare import prepare
 from tasks.workspace import Workspace
 
-from conftest import REPO
+from conftest import REPO, params_of, write_params
 
 RAW = "data/raw"
 
@@ -41,7 +40,7 @@ def project(tmp_path, monkeypatch) -> Path:
 
 
 def run_prepare(root: Path, **data) -> dict:
-    params = parse_params({"data": data})
+    params = params_of({"data": data})
     return prepare(params.data, params.prepare, Workspace(root))
 
 
@@ -196,7 +195,7 @@ def test_corrupt_image_in_a_class_folder(project):
 ])
 def test_bad_params(tmp_path, params, match):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    write_params(path, params)
     with pytest.raises(ParamsError, match=rf"{path} is invalid:\n(.|\n)*{match}"):
         load_params(path)
 
@@ -218,7 +217,7 @@ def cli(root: Path, *flags: str) -> subprocess.CompletedProcess:
 ])
 def test_cli_prints_one_clear_message_and_keeps_the_outputs(project, params, first_line):
     (project / RAW / "bad.npz").write_bytes(b"PK not really")
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(project / "params.yaml", params)
     before = snapshot(project)
     done = cli(project)
     assert done.returncode == 1 and "Traceback" not in done.stderr

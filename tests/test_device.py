@@ -14,10 +14,11 @@ from torch import nn
 
 from tasks.errors import QatflowError
 from tasks.model import build_model, model_config
-from tasks.params import ModelParams
 from tasks.quant.fx import prepare
 from tasks.training import device
 from tasks.training.device import Hardware, cpu_state, resolve_device
+
+from conftest import section
 
 MODES = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
 
@@ -28,7 +29,7 @@ def gpu(test):
 
 def tiny_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(model_config("images", [1, 12, 12], 4, ModelParams(widths=[8, 16], dropout=0.0)))
+    return build_model(model_config("images", [1, 12, 12], 4, section("train.model", widths=[8, 16], dropout=0.0)))
 
 
 def batch(seed: int = 0, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

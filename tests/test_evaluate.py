@@ -29,12 +29,15 @@ from tasks.contracts import (
 from tasks.errors import DataError
 from tasks.evaluate import evaluate
 from tasks.model import build_model, model_config, save_checkpoint
-from tasks.params import EvaluateParams, ModelParams
+from tasks.params import EvaluateParams
 from tasks.quant import pt2e
 from tasks.runtimes import RUNTIMES
 from tasks.scores import calibration, class_scores, confusion_matrix
 from tasks.variants import VARIANTS
 from tasks.workspace import Workspace
+
+from conftest import section
+
 
 CLASSES = ["top-left", "top-right", "bottom"]  # where the bright patch is
 SHAPE = [1, 28, 28]
@@ -108,7 +111,7 @@ def project(tmp_path_factory):
         input_shape=SHAPE, normalization=norm, samples={"test": len(y)})))
 
     torch.manual_seed(0)
-    config = model_config("images", SHAPE, len(CLASSES), ModelParams(widths=[8, 16], dropout=0.0))
+    config = model_config("images", SHAPE, len(CLASSES), section("train.model", widths=[8, 16], dropout=0.0))
     untrained, model = build_model(config), build_model(config)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)

@@ -14,13 +14,14 @@ from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.export_executorch import export_executorch
 from tasks.export_onnx import export_onnx
-from tasks.params import parse_params
 from tasks.qat import qat
 from tasks.qat_pt2e import qat_pt2e
 from tasks.quant import pt2e
 from tasks.train import train
 from tasks.variants import VARIANTS
 from tasks.workspace import Workspace
+
+from conftest import params_of
 
 CLASSES = ["a", "b", "c"]
 N = 240  # 70/15/15: 168 train, 36 val, 36 test
@@ -71,7 +72,7 @@ def write_prepared(root, layout: str, x_raw: np.ndarray, y: np.ndarray) -> None:
 
 
 def tiny_params(family: str, widths: list[int] | None):
-    return parse_params({
+    return params_of({
         "train": {"epochs": 8, "batch_size": 16, "lr": 0.01, "augment_shift": 1,
                   "model": {"family": family, "widths": widths}},
         "qat": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "freeze_bn_epoch": 1,

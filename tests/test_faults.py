@@ -15,13 +15,12 @@ import torch
 import yaml
 
 from tasks.checkpoint import Checkpointing, TrainingState, fingerprint, resume
-from tasks.params import parse_params
 from tasks.prepare import prepare
 from tasks.qat import qat
 from tasks.train import train
 from tasks.workspace import Workspace
 
-from conftest import REPO, TINY_PARAMS, dies_in_epoch, write_params
+from conftest import REPO, TINY_PARAMS, dies_in_epoch, params_of, write_params
 
 TRAIN_OUTPUTS = ["models/train/fp32_state.pt", "metrics/train.json", "plots/train/history.csv"]
 EXPORT_OUTPUTS = ["models/fp32.pt", "models/fp32.pt2", "models/int8.pt", "models/ptq_int8.pt",
@@ -81,7 +80,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tiny_workspace, tm
 
     # Other params: the checkpoint is not resumed, and the run says why.
     shutil.copy2(kept, project.train_checkpoint)
-    changed = parse_params({"train": {**TINY_PARAMS["train"], "epochs": 1}}).train
+    changed = params_of({"train": {**TINY_PARAMS["train"], "epochs": 1}}).train
     assert train(changed, project)["epochs_run"] == 1
     assert ("train: ignoring checkpoint.pt: made with other train params; starting over"
             in capsys.readouterr().out)
@@ -123,7 +122,7 @@ def test_qat_resumes_replaying_its_freeze_schedule(tiny_workspace, tmp_path):
     # bytes, not what they learn, and QAT's time goes with the samples.
     raw = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "max_samples": 300},
            "qat": {**TINY_PARAMS["qat"], "freeze_bn_epoch": 0}}
-    params = parse_params(raw)
+    params = params_of(raw)
     outputs = ["models/qat/qat_state.pt", "models/qat/ptq_state.pt", "metrics/qat.json",
                "plots/qat/history.csv"]
     whole = project_from(workspace, tmp_path / "whole", raw, "models/train/fp32_state.pt")

@@ -19,7 +19,7 @@ from flows.pipeline import check_overrides, pipeline, workspace_lock
 from tasks.errors import ParamsError
 from tasks.variants import VARIANTS
 
-from conftest import STAGES, TIMING_OUTPUTS, dvc, init_tiny_project, locked_outputs, run
+from conftest import STAGES, TIMING_OUTPUTS, dvc, init_tiny_project, locked_outputs, run, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -141,7 +141,7 @@ def test_bad_override_fails_before_anything_runs(project, overrides, message):
 
 
 def test_check_overrides_validates_against_the_schema(tmp_path):
-    (tmp_path / "params.yaml").write_text("train:\n  epochs: 2\n")
+    write_params(tmp_path / "params.yaml", {"train": {"epochs": 2}})
     check_overrides(tmp_path / "params.yaml", {"train.epochs": 5, "qat.backend": "qnnpack"})
     with pytest.raises(ParamsError, match="qat.backend"):
         check_overrides(tmp_path / "params.yaml", {"qat.backend": "tpu"})

@@ -20,12 +20,12 @@ from PIL import Image
 
 from tasks.atomic import staged_outputs
 from tasks.errors import DataError, ParamsError, QatflowError
-from tasks.params import DataParams, load_params, parse_params, safe_yaml
+from tasks.params import load_params, safe_yaml
 from tasks.prepare import prepare
 from tasks.readers import DEFAULT_MAX_IMAGE_PIXELS, read_images
 from tasks.workspace import Workspace
 
-from conftest import REPO, write_params
+from conftest import REPO, params_of, write_params
 
 RAW = "data/raw"
 
@@ -107,7 +107,7 @@ def test_safe_yaml_reads_what_params_use():
 
 def test_long_values_in_validation_errors_are_cut():
     with pytest.raises(ParamsError) as caught:
-        parse_params({"train": {"optimizer": "x" * 100_000, "epochs": list(range(100_000))}})
+        params_of({"train": {"optimizer": "x" * 100_000, "epochs": list(range(100_000))}})
     message = str(caught.value)
     assert len(message) < 600, message
     optimizer = next(line for line in message.splitlines() if "train.optimizer" in line)
@@ -115,14 +115,13 @@ def test_long_values_in_validation_errors_are_cut():
     epochs = next(line for line in message.splitlines() if "train.epochs" in line)
     assert len(epochs) < 160 and "..." in epochs  # a huge list is cut while written, too
     with pytest.raises(ParamsError, match=r"\(got -0.01\)$"):  # short values stay whole
-        parse_params({"train": {"lr": -0.01}})
+        params_of({"train": {"lr": -0.01}})
 
 
 # -- 2. Images too large ---------------------------------------------------------------------
 
 
 def test_max_image_pixels_default_is_defined_once():
-    assert DataParams().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
     assert load_params(REPO / "params.yaml").data.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
 
 
@@ -142,7 +141,7 @@ def image_project(tmp_path, monkeypatch) -> Path:
 
 
 def run_prepare(root: Path, **data) -> None:
-    params = parse_params({"data": data})
+    params = params_of({"data": data})
     prepare(params.data, params.prepare, Workspace(root))
 
 

@@ -17,8 +17,9 @@ from tasks.contracts import ModelConfig
 from tasks.errors import ModelError, ParamsError
 from tasks.figures import misclassified_figure
 from tasks.model import build_model, load_weights, model_config
-from tasks.params import ModelParams
 from tasks.quant.fx import convert, prepare
+
+from conftest import section
 
 # The ConvNet every reference result was trained with, before there were families: its
 # state_dict (names in order, shapes) and parameter count, taken from that code.
@@ -46,11 +47,11 @@ def expected_reference_state() -> list[tuple[str, tuple]]:
 
 
 def config(layout: str, shape: list[int], **model) -> ModelConfig:
-    return model_config(layout, shape, 4, ModelParams(**model))
+    return model_config(layout, shape, 4, section("train.model", **model))
 
 
 def test_default_cnn2d_is_the_reference_convnet():
-    defaults = model_config("images", [1, 28, 28], 10, ModelParams())
+    defaults = model_config("images", [1, 28, 28], 10, section("train.model"))
     assert defaults.model_dump() == {"net": "tasks.model:cnn2d", "input_shape": [1, 28, 28], "num_classes": 10,
                                      "kwargs": {"widths": [32, 64, 128], "dropout": 0.2, "convs_per_stage": 2}}
     model = build_model(defaults)

@@ -23,7 +23,6 @@ from tasks.contracts import ExportedMeta, Normalization, read_prepared_meta, rep
 from tasks.errors import DataError, GateFailed
 from tasks.export_onnx import export_onnx
 from tasks.model import build_model, load_checkpoint, model_config, save_checkpoint
-from tasks.params import ExportParams, ModelParams
 from tasks.predict import predict
 from tasks.quant.fx import convert, load_int8, prepare, save_prepared
 from tasks.runtimes import onnx as onnx_runtime
@@ -33,9 +32,9 @@ from tasks.runtimes.onnx import OnnxModel
 from tasks.variants import VARIANTS, written_by
 from tasks.workspace import Workspace
 
-from conftest import REPO
+from conftest import REPO, section
 
-PARAMS = ExportParams(parity_samples=36)  # the default gates: fp32 1e-4, int8 argmax 99.5 %
+PARAMS = section("export", parity_samples=36)  # the default gates: fp32 1e-4, int8 argmax 99.5 %
 FAMILIES = {  # family: (layout, data, widths)
     "mlp": ("vectors", vectors, [32]),
     "cnn1d": ("sequences", sequences, [8, 16]),
@@ -55,7 +54,7 @@ def make_project(root: Path, family: str) -> Workspace:
     with np.load(workspace.prepared / "train.npz") as train:
         x, y_train = torch.from_numpy(train["x"]), torch.from_numpy(train["y"])
     torch.manual_seed(0)
-    config = model_config(layout, prepared.input_shape, len(CLASSES), ModelParams(widths=widths, dropout=0.0))
+    config = model_config(layout, prepared.input_shape, len(CLASSES), section("train.model", widths=widths, dropout=0.0))
     model = build_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(15):
@@ -252,7 +251,7 @@ def test_a_corrupted_onnx_file_is_refused_in_one_line(projects, tmp_path):
 
 def test_a_1d_cnn_reading_vectors_exports_its_quantized_unsqueeze():
     # It adds the channel axis after FX quantized the input; ONNX has no quantized Unsqueeze.
-    config = model_config("vectors", [10], 3, ModelParams(family="cnn1d", widths=[8], dropout=0.0))
+    config = model_config("vectors", [10], 3, section("train.model", family="cnn1d", widths=[8], dropout=0.0))
     torch.manual_seed(0)
     x = torch.randn(64, 10)
     prepared = prepare(build_model(config), "qat", "x86", x[:1])

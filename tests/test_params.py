@@ -1,14 +1,22 @@
 import pytest
+import yaml
 
 from tasks.errors import ParamsError
-from tasks.params import Params, load_params, parse_params
+from tasks.params import Params, Section, load_params, parse_params
 
-from conftest import REPO, write_params
+from conftest import REPO, params_of, schema_keys, write_params
 
 
-def test_repo_params_file_is_valid_and_matches_schema_defaults():
-    # params.yaml is the single source of knobs; the schema's defaults must not drift from it.
-    assert load_params(REPO / "params.yaml") == Params()
+def test_repo_params_file_holds_a_value_for_every_schema_key():
+    # params.yaml is the one place values live: the schema has no defaults to fall back on.
+    load_params(REPO / "params.yaml")
+    assert not [name for name, field in Params.model_fields.items() if not field.is_required()]
+    for key in schema_keys():
+        *sections, last = key.split(".")
+        model: type[Section] = Params
+        for name in sections:
+            model = model.model_fields[name].annotation
+        assert model.model_fields[last].is_required(), f"{key} has a default in tasks/params.py"
 
 
 @pytest.mark.parametrize(
@@ -29,7 +37,7 @@ def test_repo_params_file_is_valid_and_matches_schema_defaults():
 )
 def test_bad_params_name_the_key_and_the_problem(raw, key, why):
     with pytest.raises(ParamsError) as exc:
-        parse_params(raw)
+        params_of(raw)
     message = str(exc.value)
     assert f"  {key}:" in message and why in message
 
@@ -46,14 +54,25 @@ def test_load_params_reports_file_problems(tmp_path):
         load_params(bad)
 
 
-def test_partial_params_fill_in_defaults():
-    params = parse_params({"train": {"epochs": 3}})
-    assert params.train.epochs == 3 and params.train.lr == Params().train.lr
+def test_a_missing_key_is_named_with_its_file(tmp_path):
+    full = yaml.safe_load((REPO / "params.yaml").read_text())
+    del full["qat"]["channels_last"], full["train"]["model"]["weights"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(full))
+    with pytest.raises(ParamsError) as exc:
+        load_params(path)
+    assert str(exc.value) == (
+        f"{path} is invalid:\n"
+        "  train.model.weights: missing: every key needs a value in the params file (the schema has no defaults)\n"
+        "  qat.channels_last: missing: every key needs a value in the params file (the schema has no defaults)")
+    with pytest.raises(ParamsError, match="  evaluate: missing"):
+        parse_params({key: value for key, value in full.items() if key != "evaluate"})
 
 
 def test_exponent_floats_read_as_yaml_1_2_does(tmp_path):
     # YAML 1.1 (PyYAML) would read 1e-3 as a string; DVC's YAML 1.2 reader sees a float.
     path = tmp_path / "params.yaml"
-    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-5\n")
+    text = (REPO / "params.yaml").read_text()
+    path.write_text(text.replace("  lr: 0.003\n", "  lr: 1e-3\n").replace("  weight_decay: 0.0001\n", "  weight_decay: 5E-5\n"))
     params = load_params(path)
     assert (params.train.lr, params.train.weight_decay) == (0.001, 5e-05)

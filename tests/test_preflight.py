@@ -17,12 +17,11 @@ import torch
 
 from tasks.contracts import ModelConfig
 from tasks.errors import DataError, ModelError
-from tasks.params import ModelParams, TrainParams
 from tasks.preflight import TARGETS, check, main, preflight
 from tasks.train import train
 from tasks.workspace import Workspace
 
-from conftest import REPO, write_params
+from conftest import REPO, section, write_params
 
 # FX cannot trace the `if`, torch.export cannot guard on it, and a plain trace (ONNX) would bake
 # in the branch it happened to take.
@@ -200,5 +199,5 @@ def test_train_refuses_the_net_before_any_epoch(tmp_path, monkeypatch):
     (root / "data" / "prepared" / "meta.json").write_text(json.dumps(META))
     before = listing(root)
     with pytest.raises(ModelError, match=f"^{reference} cannot go through fx → torchscript: TraceError"):
-        train(TrainParams(model=ModelParams(family=reference)), Workspace(root))
+        train(section("train", model={"family": reference}), Workspace(root))
     assert listing(root) == before  # no checkpoint, no TensorBoard run, no metrics

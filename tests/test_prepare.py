@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 import tasks.npyio
 from bench.prepare_large import write_dataset
 from tasks.contracts import Normalization, read_prepared_meta
 from tasks.errors import DataError
 from tasks.npyio import NpyStream, NpzWriter
-from tasks.params import SplitFractions, parse_params
+from tasks.params import SplitFractions
 from tasks.prepare import (
     ChannelStats,
     prepare,
@@ -27,20 +26,20 @@ from tasks.prepare import (
 from tasks.sources import load_source
 from tasks.workspace import Workspace
 
-from conftest import REPO
+from conftest import REPO, params_of, section, write_params
 
 THREE_WAY = split_fractions(SplitFractions(train=0.6, val=0.2, test=0.2), fixed_test=False)
 
 
 def test_builtin_mnist_is_the_real_5k_sample():
-    raw = load_source(parse_params({}).data, Path.cwd())
+    raw = load_source(params_of({}).data, Path.cwd())
     assert raw.x.shape == (5000, 1, 28, 28) and raw.x.dtype == np.uint8
     assert np.bincount(raw.y).tolist() == [500] * 10
     assert raw.x.array.max() == 255 and raw.scale == 255.0
 
 
 def test_unknown_builtin_lists_the_known_ones():
-    data = parse_params({"data": {"source": "builtin:mnist"}}).data
+    data = params_of({"data": {"source": "builtin:mnist"}}).data
     known = r"\(known: builtin:digits, builtin:mnist5k\)"
     with pytest.raises(DataError, match=rf"data.source: unknown source 'builtin:mnist' {known}"):
         load_source(data, Path.cwd())
@@ -63,7 +62,7 @@ def test_stratified_split_is_disjoint_complete_proportional_and_seeded():
 def test_split_refuses_a_class_too_small_for_it():
     y = np.array([0] * 50 + [1] * 2)
     with pytest.raises(DataError, match=r"class 'b' has 2 samples: too few for a 0.1 val fraction"):
-        stratified_split(y, split_fractions(SplitFractions(), fixed_test=False), seed=0, class_names=["a", "b"])
+        stratified_split(y, split_fractions(section("prepare.split"), fixed_test=False), seed=0, class_names=["a", "b"])
 
 
 def test_a_fixed_test_set_leaves_train_and_val_in_proportion():
@@ -128,7 +127,7 @@ def test_streamed_npz_matches_numpy_and_is_deterministic(tmp_path):
 
 
 def test_prepare_writes_standardized_splits_from_training_statistics(tmp_path):
-    params = parse_params({"data": {"max_samples": 500}})
+    params = params_of({"data": {"max_samples": 500}})
     workspace = Workspace(tmp_path)
     meta = prepare(params.data, params.prepare, workspace)
     assert meta.samples == {"train": 400, "val": 50, "test": 50}
@@ -151,7 +150,7 @@ def test_a_large_x_is_streamed_never_loaded_whole(tmp_path, monkeypatch):
     real_load = NpyStream.load
     monkeypatch.setattr(NpyStream, "load", lambda self: loaded.append(self.key) or real_load(self))
     monkeypatch.setattr(tasks.npyio, "CHUNK_BYTES", 8 * 8 * 500)  # 500 rows a chunk
-    params = parse_params({"data": {"source": str(tmp_path / "d.npz")}})
+    params = params_of({"data": {"source": str(tmp_path / "d.npz")}})
     meta = prepare(params.data, params.prepare, Workspace(tmp_path))
     assert loaded == ["y"] and sum(meta.samples.values()) == 3000
 
@@ -164,12 +163,12 @@ def _prepare_process(project: Path) -> subprocess.Popen:
 
 def test_sigkill_mid_write_leaves_the_previous_outputs(tmp_path):
     project = tmp_path
-    small = parse_params({"data": {"source": "builtin:digits"}})
+    small = params_of({"data": {"source": "builtin:digits"}})
     prepare(small.data, small.prepare, Workspace(project))
     before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
 
     write_dataset(project / "data/raw/large.npz", rows=150_000, features=256)  # 154 MB
-    (project / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "data/raw/large.npz"}}))
+    write_params(project / "params.yaml", {"data": {"source": "data/raw/large.npz"}})
     process = _prepare_process(project)
     staged = project / f"data/.prepared.{process.pid}.staged"
     deadline = time.monotonic() + 60

@@ -12,13 +12,14 @@ from tasks.contracts import PreparedMeta, prepared_meta_text
 from tasks.errors import DataError
 from tasks.layout import resolve_layout
 from tasks.npyio import InMemory
-from tasks.params import parse_params
 from tasks.prepare import prepare
 from tasks.workspace import Workspace
 
+from conftest import params_of
+
 
 def run_prepare(root: Path, **data) -> PreparedMeta:
-    params = parse_params({"data": data})
+    params = params_of({"data": data})
     return prepare(params.data, params.prepare, Workspace(root))
 
 

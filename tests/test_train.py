@@ -5,11 +5,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tasks.training.fit import history_csv, load_split
 from tasks.model import load_checkpoint
-from tasks.params import parse_params
 from tasks.train import train
 from tasks.workspace import Workspace
 
-from conftest import REPRO_RUN_NAME, TINY_PARAMS
+from conftest import REPRO_RUN_NAME, TINY_PARAMS, params_of
 
 
 def test_train_writes_checkpoint_history_and_metrics(tiny_workspace):
@@ -59,7 +58,7 @@ def test_training_is_bitwise_reproducible(tiny_workspace, tmp_path, monkeypatch)
 def test_early_stopping_stops_after_patience(tmp_path, tiny_workspace):
     workspace, _ = tiny_workspace
     raw = {**TINY_PARAMS["train"], "epochs": 6, "patience": 1, "lr": 1e-9, "scheduler": "constant"}
-    params = parse_params({"train": raw}).train
+    params = params_of({"train": raw}).train
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "prepared").symlink_to(workspace.prepared)
     metrics = train(params, Workspace(tmp_path))
