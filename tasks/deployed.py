@@ -16,6 +16,7 @@ import numpy as np
 
 from tasks.contracts import ExportedMeta, parse_json, read_exported_meta
 from tasks.errors import DataError
+from tasks.runtimes.threads import ort_session_config  # issue 22 §4
 
 ONNX_META_KEY = "qatflow.meta"  # metadata_props key of the ExportedMeta JSON in an .onnx file
 # A .pte has no free-form metadata; the ExportedMeta JSON is what this constant method returns.
@@ -139,6 +140,9 @@ def load_onnx(path: Path, data: bytes | None = None) -> tuple[OnnxModel, Exporte
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: they are raised, not logged
+    # issue 22 §4: no spinning thread pool where the process serves with a passive OpenMP wait policy.
+    for key, value in ort_session_config(options.intra_op_num_threads).items():
+        options.add_session_config_entry(key, value)
     try:
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)

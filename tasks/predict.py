@@ -23,6 +23,9 @@ the input's size.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # issue 22 §4: the serving wait policy, before torch loads OpenMP
+    __import__("tasks.runtimes.threads").runtimes.threads.use_serving_wait_policy()
+
 import csv
 import hashlib
 import io
@@ -45,6 +48,7 @@ from tasks.deployed import load_deployed, read_meta
 from tasks.errors import DataError
 from tasks.inference import predict_logits, probabilities
 from tasks.npyio import CHUNK_BYTES, InMemory, NpyStream, Rows, chunk_rows
+from tasks.runtimes.threads import serving_threads  # issue 22 §4
 from tasks.readers import (
     IMAGE_SUFFIXES,
     CsvRows,
@@ -210,6 +214,7 @@ def predict(model_path: Path, input_path: Path, out: Path | None = None, batch_s
     # The inputs are checked against the metadata before the model is loaded (and its code runs).
     meta = read_meta(model_path, data)
     rows, ids = open_inputs(input_path, meta.input_shape, model_path.name)
+    torch.set_num_threads(serving_threads(batch_size, os.cpu_count() or 1))  # issue 22 §4: before loading
     model, _ = load_model(data, model_path)
     del data
     as_csv = bool(out and out.suffix == ".csv")
