@@ -622,6 +622,8 @@ def markdown_targets(r: dict) -> str:
             measured = _unit(key, t["value"])
             if key == "train_overhead" and (d := r.get("train_overhead_detail")):
                 measured += f" ({d['fit_epoch_s']:.2f} s vs {d['bare_epoch_s']:.2f} s, medians of {d['runs']})"
+            if where := (r.get("under_load") or {}).get(f"{key}_at"):
+                measured += f" ({where})"
             if not t["passed"]:
                 measured = f"**{measured}: not met**"
         op, limit = t["target"].split()
