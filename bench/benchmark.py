@@ -38,7 +38,8 @@ from bench.reference import format_ms
 from tasks.atomic import write_json, write_with
 from tasks.augment import random_shift
 from tasks.checkpoint import TrainingState
-from tasks.contracts import read_prepared_meta
+from tasks.contracts import read_prepared_meta, read_test_split
+from tasks.deployed import OnnxModel
 from tasks.deprecations import silence_torch_deprecations
 from tasks.environment import cpu_name
 from tasks.errors import QatflowError
@@ -49,6 +50,7 @@ from tasks.training.runner import seed_everything
 from tasks.model import build_model, model_config
 from tasks.params import load_params
 from tasks.train import make_optimizer, make_scheduler
+from tasks.serving import SERVING_ENV, serving_threads
 from tasks.variants import BASELINE, DEPLOYED, REFERENCE, VARIANTS
 from tasks.workspace import Workspace
 
@@ -59,30 +61,63 @@ CPP = {f"cpp_{name}": (name, f"C++ {Path(v.file).name}") for name, v in VARIANTS
        if v.runtime == "torchscript"}
 TARGETS = {"int8_vs_fp32ts_bs1": (2.0, "min"), "int8_vs_fp32ts_bs64": (3.0, "min"), "size_ratio": (3.7, "min"),
            "accuracy_drop_pp": (0.3, "max"), "train_overhead": (1.10, "max"), "noop_repro_s": (1.5, "max"),
-           "onnx_int8_vs_ts_int8_bs64": (1.0, "min"), "onnx_size_ratio": (3.7, "min"),
+           # int8.onnx (QAT's scales) against ONNX Runtime's own quantize_static of fp32.onnx (bench/ort_static.py):
+           # the slowest of batch 1 and 64 at 1 and 2 threads, each file at its best session options.
+           "onnx_int8_vs_ort_static": (1.0, "min"), "onnx_accuracy_vs_ort_static_pp": (0.0, "min"),
+           # Under a competing CPU load the bench starts itself (LOAD): the deployed int8 paths as served
+           # (tasks/serving.py), worst over variant, thread count and batch size.
+           "load_p50_vs_quiet_bs1": (1.5, "max"), "load_p50_vs_quiet_bs64": (1.5, "max"),
+           "load_p99_vs_1thread": (1.0, "max"),
+           "onnx_size_ratio": (3.7, "min"),
            "onnx_accuracy_drop_pp": (0.3, "max"), "pte_size_ratio": (3.7, "min"), "pte_accuracy_drop_pp": (0.3, "max")}
 # The other int8 files and the fp32 file each is measured against: ONNX's own fp32, and for the
 # ExecuTorch program the fp32 torch.export program (the format it is lowered from; no fp32 .pte).
 EDGE = {"onnx": ("int8_onnx", "fp32_onnx"), "pte": ("int8_pte", "fp32_pt2")}
+# The ONNX files of the quantize_static comparison: ours (QAT's scales) and ONNX Runtime's own.
+ORT_FILES = ("ours", "static")
+# Timed under load: the deployed int8 paths and the fp32 baseline, each wait policy's workers.
+LOADED = ("fp32_ts", "int8", "int8_onnx", "int8_pte")
+WAIT_POLICIES = {"spin": {}, "passive": SERVING_ENV}  # libgomp's default (spins), and serving's
+LOAD_STATS = {"p50_ms": 50, "p99_ms": 99}
+# The competing load: this many busy-loop Python processes, one per core, started and stopped by PID.
+COMPETITOR = [sys.executable, "-c", "while True: pass"]
 
 
 def load_variants(workspace: Workspace) -> tuple[dict, torch.Tensor, np.ndarray]:
     """Loaders (each call loads a fresh model, ready to serve), test inputs and labels."""
     workspace.require(workspace.prepared / "test.npz", *(v.path(workspace) for v in VARIANTS.values()))
     names = read_prepared_meta(workspace.prepared).class_names
-    with np.load(workspace.prepared / "test.npz", allow_pickle=False) as test:
-        x, y = torch.from_numpy(test["x"]), test["y"]
+    test = read_test_split(workspace.prepared)
     loaders = {name: (lambda v=v: v.load_for_serving(workspace, names)) for name, v in VARIANTS.items()}
-    return loaders, x, y
+    return loaders, test.x, test.y.numpy()
 
 
-def latency_worker(conn, root: str, threads: int, repeats: int) -> None:
+def ort_loaders(onnx_files: dict[str, str], threads: int) -> dict:
+    """bench/ort_static.py's comparison: every ONNX file (ours, quantize_static's) at every
+    session variant (optimization level, first convolution padded or not)."""
+    import onnx
+
+    from bench import ort_static
+    from tasks.deployed import OnnxModel
+
+    out = {}
+    for name, path in onnx_files.items():
+        model = onnx.load(path)
+        for pad, proto in (("", model), ("_pad", ort_static.pad_first_conv(model))):
+            data = proto.SerializeToString()
+            for level in ort_static.LEVELS:
+                out[f"{name}_{level}{pad}"] = lambda d=data, lv=level: OnnxModel(ort_static.session(d, threads, lv))
+    return out
+
+
+def latency_worker(conn, root: str, threads: int, repeats: int, onnx_files: dict[str, str] | None = None) -> None:
     """Times every variant once per request, each batch size on a freshly loaded model (time_model).
     One process per thread count, set before any inference, as in a deployment: a module that ran
     at another thread count or batch size can stay ~2x slower at int8 batch 1 (measured, torch 2.13)."""
     torch.set_num_threads(threads)
     silence_torch_deprecations()
     loaders, x, _ = load_variants(Workspace(Path(root)))
+    loaders |= ort_loaders(onnx_files or {}, threads)
     while conn.recv():
         conn.send({k: time_calls(load, x, BATCH_SIZES, repeats) for k, load in loaders.items()})
 
@@ -92,7 +127,10 @@ def time_cpp(runner: Path, model: Path, inputs: Path, logits: Path, threads: int
     cmd = [str(runner), str(model), str(inputs), "--out", str(logits), "--threads", str(threads),
            "--repeats", str(repeats), "--batch-sizes", ",".join(map(str, BATCH_SIZES))]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        # The runner re-executes itself passive unless OMP_WAIT_POLICY is set: empty (libgomp's
+        # default) unless the user set it, to time it as the Python workers beside it run.
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         report = json.loads(done.stdout.strip().splitlines()[-1])
         return {k: {"median_ms": t["median"], "p90_ms": t["p90"]} for k, t in report["latency_ms"].items()}
     except OSError as exc:
@@ -102,14 +140,16 @@ def time_cpp(runner: Path, model: Path, inputs: Path, logits: Path, threads: int
                            f"{done.stderr[-1500:]}") from None
 
 
-def time_rounds(root: Path, cpp: dict, threads: list[int], rounds: int, repeats: int) -> dict:
+def time_rounds(root: Path, cpp: dict, threads: list[int], rounds: int, repeats: int,
+                onnx_files: dict[str, str] | None = None) -> dict:
     """{variant: {"threads_N": {"batch_B": {"median_ms", "p90_ms"}}}}: each round times every thread
     count, variant and C++ run (`cpp`: name -> time_cpp arguments) in turn, while the other workers
     wait idle; a figure is the median over rounds of each round's median (p90)."""
     spawn, workers, runs = multiprocessing.get_context("spawn"), {}, defaultdict(list)
     for n in threads:
         conn, child = spawn.Pipe()
-        workers[n] = conn, spawn.Process(target=latency_worker, args=(child, str(root), n, repeats), daemon=True)
+        workers[n] = conn, spawn.Process(target=latency_worker, args=(child, str(root), n, repeats, onnx_files),
+                                         daemon=True)
         workers[n][1].start()
         child.close()  # the worker's end only: a worker that dies then reads as EOF here, not a hang
     try:
@@ -135,10 +175,155 @@ def time_rounds(root: Path, cpp: dict, threads: list[int], rounds: int, repeats:
             process.join()  # which also counts its CPU time as this run's own (cpu_seconds)
     out: dict = {}
     for (name, n, key), ts in runs.items():
-        if name in VARIANTS or name in cpp:
+        if name in VARIANTS or name in cpp or name.startswith(ORT_FILES):
             out.setdefault(name, {}).setdefault(f"threads_{n}", {})[key] = {
                 stat: round(float(np.median([t[stat] for t in ts])), 4) for stat in ("median_ms", "p90_ms")}
     return out
+
+
+def load_worker(conn, root: str, threads: int, repeats: int) -> None:
+    """Times LOADED at batch 1 and 64 on `threads` threads, p50 and p99, once per request."""
+    torch.set_num_threads(threads)
+    silence_torch_deprecations()
+    loaders, x, _ = load_variants(Workspace(Path(root)))
+    while conn.recv():
+        conn.send({k: time_calls(loaders[k], x, BATCH_SIZES, repeats, percentiles=LOAD_STATS) for k in LOADED})
+
+
+class Competitor:
+    """`processes` busy loops (COMPETITOR) while the block runs: the CPU load a shared host has."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes, self.running = processes, []
+
+    def __enter__(self) -> Competitor:
+        self.running = [subprocess.Popen(COMPETITOR) for _ in range(self.processes)]
+        time.sleep(0.2)  # on the run queue before the first timed call
+        return self
+
+    def __exit__(self, *_) -> None:
+        for process in self.running:  # ours, by PID
+            process.kill()
+            process.wait()
+        self.running = []
+
+
+def load_rounds(root: Path, threads: list[int], rounds: int, repeats: int, competitors: int) -> dict:
+    """{policy: {"quiet"|"load": {variant: {"threads_N": {"batch_B": {"p50_ms", "p99_ms"}}}}}}: one
+    worker process per wait policy (its environment set before it starts, as libgomp needs) and
+    thread count; each round times every worker quiet, then every worker beside `competitors` busy
+    loops. A figure is the median over rounds."""
+    spawn, workers, runs = multiprocessing.get_context("spawn"), {}, defaultdict(list)
+    saved = dict(os.environ)
+    try:
+        for policy, env in WAIT_POLICIES.items():
+            os.environ.clear()
+            os.environ.update({k: v for k, v in saved.items() if k not in SERVING_ENV} | env)
+            for n in threads:
+                conn, child = spawn.Pipe()
+                process = spawn.Process(target=load_worker, args=(child, str(root), n, repeats), daemon=True)
+                process.start()
+                child.close()
+                workers[policy, n] = conn, process
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        for _ in range(rounds):
+            for phase in ("quiet", "load"):
+                with Competitor(competitors if phase == "load" else 0):
+                    for (policy, n), (conn, _) in workers.items():
+                        conn.send(True)
+                        try:
+                            timed = conn.recv()
+                        except EOFError:
+                            sys.exit(f"bench: error: the {policy} {n}-thread load worker died (its traceback is above)")
+                        for name, by_batch in timed.items():
+                            for key, t in by_batch.items():
+                                runs[policy, phase, name, n, key].append(t)
+    finally:
+        for conn, process in workers.values():
+            with suppress(OSError):
+                conn.send(False)
+            process.join()
+    out: dict = {}
+    for (policy, phase, name, n, key), ts in runs.items():
+        out.setdefault(policy, {}).setdefault(phase, {}).setdefault(name, {}).setdefault(f"threads_{n}", {})[key] = {
+            stat: round(float(np.median([t[stat] for t in ts])), 4) for stat in LOAD_STATS}
+    return out
+
+
+def served(timed: dict, threads: list[int]) -> dict:
+    """The passive policy's figures as a deployment serves them: with N threads available, each
+    batch size on serving_threads(batch, N) threads (measured at that count)."""
+    return {phase: {name: {f"threads_{n}": {f"batch_{b}": by_n[f"threads_{serving_threads(b, n)}"][f"batch_{b}"]
+                                            for b in BATCH_SIZES} for n in threads}
+                    for name, by_n in variants.items()} for phase, variants in timed["passive"].items()}
+
+
+def load_figures(timed: dict, threads: list[int]) -> dict:
+    """The two under-load targets on the deployed int8 paths as served, worst case, and where."""
+    serve = served(timed, threads)
+    p50, p99 = {b: [] for b in BATCH_SIZES}, []
+    for name in LOADED:
+        if name == BASELINE:
+            continue
+        for n in threads:
+            for b in BATCH_SIZES:
+                quiet, load = (serve[ph][name][f"threads_{n}"][f"batch_{b}"] for ph in ("quiet", "load"))
+                one = serve["load"][name]["threads_1"][f"batch_{b}"] if 1 in threads else load
+                p50[b].append((load["p50_ms"] / quiet["p50_ms"], f"{name} {n}t b{b}"))
+                p99.append((load["p99_ms"] / one["p99_ms"], f"{name} {n}t b{b}"))
+    # Threads as asked (no per-batch cap), passive waits: what the thread cap at batch 1 adds.
+    passive = timed["passive"]["load"]
+    as_asked = max((passive[name][f"threads_{n}"][f"batch_{b}"]["p99_ms"] / passive[name]["threads_1"][f"batch_{b}"]["p99_ms"],
+                    f"{name} {n}t b{b}") for name in LOADED if name != BASELINE for n in threads for b in BATCH_SIZES
+                   if 1 in threads)
+    r99, at99 = max(p99)
+    return {"served": serve, **{f"load_p50_vs_quiet_bs{b}": round(max(p50[b])[0], 3) for b in BATCH_SIZES},
+            **{f"load_p50_vs_quiet_bs{b}_at": max(p50[b])[1] for b in BATCH_SIZES},
+            "load_p99_vs_1thread": round(r99, 3), "load_p99_vs_1thread_at": at99,
+            "passive_as_asked_p99_vs_1thread": round(as_asked[0], 3), "passive_as_asked_p99_vs_1thread_at": as_asked[1]}
+
+
+def ort_comparison(workspace: Workspace, params_path: Path, work: Path, x: torch.Tensor, y: np.ndarray) -> dict:
+    """bench/ort_static.py's file built into `work`; both files' test accuracy and paths."""
+    import onnx
+
+    from bench import ort_static
+
+    ours = VARIANTS["int8_onnx"].path(workspace)
+    static = ort_static.build(VARIANTS["fp32_onnx"].path(workspace), work / "ort_static.onnx",
+                              ort_static.calibration_samples(workspace, params_path))
+    files = {"ours": str(ours), "static": str(static)}
+    correct, padded_same = {}, True
+    for name, path in files.items():
+        model = onnx.load(path)
+        plain = predict_logits(OnnxModel(ort_static.session(model, 2)), x).argmax(1).numpy()
+        padded = predict_logits(OnnxModel(ort_static.session(ort_static.pad_first_conv(model), 2)), x).argmax(1).numpy()
+        correct[name], padded_same = int((plain == y).sum()), padded_same and bool((plain == padded).all())
+    return {"files": files, "accuracy": {k: round(c / len(y), 6) for k, c in correct.items()},
+            "accuracy_vs_static_pp": round(100 * (correct["ours"] - correct["static"]) / len(y), 4),
+            "padding_same_predictions": padded_same, "static_size_bytes": static.stat().st_size,
+            "calibration_samples": len(ort_static.calibration_samples(workspace, params_path))}
+
+
+def ort_speed(latency: dict, threads: list[int]) -> dict:
+    """Per thread count and batch size: each file at its fastest session variant, and the ratio
+    quantize_static's / ours (> 1: ours is faster)."""
+    cells, ratios = {}, []
+    for n in threads:
+        for b in BATCH_SIZES:
+            best = {}
+            for name in ORT_FILES:
+                timed = {k[len(name) + 1:]: v[f"threads_{n}"][f"batch_{b}"]["median_ms"]
+                         for k, v in latency.items() if k.startswith(name + "_")}
+                option = min(timed, key=timed.get)
+                best[name] = {"options": option, "median_ms": timed[option], "all": timed}
+            ratio = best["static"]["median_ms"] / best["ours"]["median_ms"]
+            cells[f"threads_{n}_batch_{b}"] = {**best, "ratio": round(ratio, 3)}
+            ratios.append(ratio)
+    return {"cells": cells, "min_ratio": round(min(ratios), 3)}
 
 
 def train_overhead(workspace: Workspace, params_path: Path, rounds: int = 5) -> dict:
@@ -226,20 +411,31 @@ def cpu_seconds() -> tuple[float, float]:
     return busy, sum(os.times()[:4])
 
 
-def benchmark(root: Path, out: Path, runner: Path, threads: list[int], quick: bool) -> dict:
+def benchmark(root: Path, out: Path, runner: Path, threads: list[int], quick: bool, load: bool = True) -> dict:
     workspace, start, (busy0, own0) = Workspace(root), time.perf_counter(), cpu_seconds()
     loaders, x, y = load_variants(workspace)
     files = {name: v.path(workspace) for name, v in VARIANTS.items()}
     correct = {k: int((predict_logits(load(), x).argmax(1).numpy() == y).sum()) for k, load in loaders.items()}
     rounds, repeats = (1, 5) if quick else (7, 30)
+    load_rounds_n, load_repeats = (1, 20) if quick else (3, 100)
+    params_path = root / "params.yaml" if (root / "params.yaml").is_file() else REPO / "params.yaml"
     with tempfile.TemporaryDirectory() as work:
+        ort = ort_comparison(workspace, params_path, Path(work), x, y)
         np.save(inputs := Path(work) / "inputs.npy", x.numpy())
         logits = {k: Path(work) / f"{k}.npy" for k in CPP}
         cpp = {k: (runner, files[f], inputs, logits[k]) for k, (f, _) in CPP.items()} if runner.is_file() else {}
         if not cpp:
             print(f"C++ runner not built: run `make cpp` ({runner} is missing); its figures are null")
-        latency = time_rounds(root, cpp, threads, rounds, repeats)
+        latency = time_rounds(root, cpp, threads, rounds, repeats, ort["files"])
+        ort_latency = {k: latency.pop(k) for k in list(latency) if k.startswith(ORT_FILES)}
         correct |= {k: int((np.load(f).argmax(1) == y).sum()) for k, f in logits.items() if f.exists()}
+    # Under load: os.cpu_count() busy loops, as many as the cores (the issue's measurement had two).
+    competitors = os.cpu_count() or 1
+    loaded = load_rounds(root, threads, load_rounds_n, load_repeats, competitors) if load else None
+    under_load = load_figures(loaded, threads) if loaded else {}
+    ort |= ort_speed(ort_latency, threads)
+    ort["latency_ms"] = ort_latency
+    ort.pop("files")
     overhead = None if quick else train_overhead(workspace, root / "params.yaml")
     repro_s, repro_note = noop_repro(root)
     # Other jobs skew timings, multi-threaded ones most (threads wait on descheduled peers): say how much.
@@ -261,8 +457,10 @@ def benchmark(root: Path, out: Path, runner: Path, threads: list[int], quick: bo
         # From counts, as evaluate does, so one test image is exactly 100/n pp.
         "accuracy_drop_pp": round(100 * (correct[REFERENCE] - correct[DEPLOYED]) / len(y), 4),
         "train_overhead": overhead and overhead["ratio"], "noop_repro_s": repro_s,
-        "onnx_int8_vs_ts_int8_bs64": round(latency[DEPLOYED][at]["batch_64"]["median_ms"]
-                                           / latency["int8_onnx"][at]["batch_64"]["median_ms"], 3),
+        "onnx_int8_vs_ort_static": ort["min_ratio"], "onnx_accuracy_vs_ort_static_pp": ort["accuracy_vs_static_pp"],
+        "load_p50_vs_quiet_bs1": under_load.get("load_p50_vs_quiet_bs1"),
+        "load_p50_vs_quiet_bs64": under_load.get("load_p50_vs_quiet_bs64"),
+        "load_p99_vs_1thread": under_load.get("load_p99_vs_1thread"),
     }
     for prefix, (int8, fp32) in EDGE.items():
         figures[f"{prefix}_size_ratio"] = round(variants[fp32]["size_bytes"] / variants[int8]["size_bytes"], 3)
@@ -277,6 +475,11 @@ def benchmark(root: Path, out: Path, runner: Path, threads: list[int], quick: bo
                     for k, (t, kind) in TARGETS.items()},
         "variants": variants, "cpp": cpp_variants, "cpp_runner": str(runner) if cpp_variants else None,
         "train_overhead_detail": overhead, "noop_repro_note": repro_note,
+        "ort_static": ort,
+        "under_load": loaded and {"competitor": f"{competitors} busy-loop Python processes (`{COMPETITOR[-1]}`), "
+                                                "started and killed by PID around each round's loaded pass",
+                                  "competitors": competitors, "rounds": load_rounds_n, "repeats_per_round": load_repeats,
+                                  "serving_env": SERVING_ENV, "by_policy": loaded, **under_load},
     }
     write_json(out / "results.json", results)
     plot(out / "results.png", {**variants, **(cpp_variants or {})}, max(threads))
@@ -309,7 +512,12 @@ TARGET_NAMES = {
     "train_overhead": "one epoch of the pipeline's `fit` (TensorBoard, progress bar, deterministic mode, "
                       "history) vs a bare loop doing the same training and validation",
     "noop_repro_s": "a no-op `dvc repro`",
-    "onnx_int8_vs_ts_int8_bs64": "TorchScript int8 / ONNX Runtime int8 latency, batch 64",
+    "onnx_int8_vs_ort_static": "ONNX Runtime: `quantize_static`'s int8 / our `int8.onnx` latency, slowest of "
+                               "batch 1 and 64 at 1 and 2 threads, each at its best session options",
+    "onnx_accuracy_vs_ort_static_pp": "test accuracy, our `int8.onnx` − `quantize_static`'s",
+    "load_p50_vs_quiet_bs1": "deployed int8 paths as served, p50 beside a competing load / quiet, worst case, batch 1",
+    "load_p50_vs_quiet_bs64": "same, batch 64 (CPU-bound for longer than a time slice: the fair share is at most half a core)",
+    "load_p99_vs_1thread": "same, p99 at N threads / p99 at 1 thread, worst case",
     "onnx_size_ratio": "`fp32.onnx` / `int8.onnx`",
     "onnx_accuracy_drop_pp": "fp32 → int8 ONNX",
     "pte_size_ratio": "`fp32.pt2` / `int8.pte`",
@@ -346,12 +554,66 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def ort_rows(r: dict) -> tuple[list[str], list[list[str]]]:
+    """The quantize_static comparison: per thread count and batch size, each file at its best."""
+    head = ["threads", "batch", "our int8.onnx: median, best options", "quantize_static's: median, best options",
+            "static / ours"]
+    rows = [[cell.split("_")[1], cell.split("_")[3],
+             *(f"{format_ms(c[k]['median_ms'])} ({c[k]['options'].replace('_pad', ', padded')})" for k in ORT_FILES),
+             f"{c['ratio']:.2f}x"] for cell, c in r["ort_static"]["cells"].items()]
+    return head, rows
+
+
+def load_rows(r: dict) -> tuple[list[str], list[list[str]]]:
+    """p50 / p99 quiet and beside the competing load: as asked with spinning waits (libgomp's and
+    ONNX Runtime's default), and as served (passive waits, threads per batch size)."""
+    u = r["under_load"]
+    head = ["variant", "threads", "batch", "spinning: quiet", "spinning: loaded", "served: quiet", "served: loaded"]
+    rows = []
+    for name in LOADED:
+        for n in r["threads"]:
+            for b in BATCH_SIZES:
+                def cell(t: dict) -> str:
+                    t = t[name][f"threads_{n}"][f"batch_{b}"]
+                    return f"{format_ms(t['p50_ms'], '')} / {format_ms(t['p99_ms'])}"
+                spin = u["by_policy"]["spin"]
+                rows.append([r["variants"][name]["label"], str(n), str(b), cell(spin["quiet"]), cell(spin["load"]),
+                             cell(u["served"]["quiet"]), cell(u["served"]["load"])])
+    return head, rows
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def markdown_ort(r: dict) -> str:
+    """docs/benchmarks.md's quantize_static comparison table (bench/tables.py)."""
+    o = r["ort_static"]
+    return "\n".join([*_markdown(*ort_rows(r)), "", f"Test accuracy: our `int8.onnx` {o['accuracy']['ours']:.2%}, "
+                      f"`quantize_static`'s {o['accuracy']['static']:.2%} (calibrated on {o['calibration_samples']} "
+                      "training samples, QDQ, per-channel int8 weights, uint8 activations). Options: graph "
+                      "optimization `extended` or `all` (adds the NHWC transformer); `padded`: first convolution's "
+                      "input padded to 4 channels" + ("" if o["padding_same_predictions"] else
+                                                      " (**padding changed predictions**)") + "."])
+
+
+def markdown_load(r: dict) -> str:
+    """docs/benchmarks.md's under-load table (bench/tables.py)."""
+    u = r["under_load"]
+    if not u:
+        return "Not measured (`--no-load`)."
+    return "\n".join([*_markdown(*load_rows(r)), "", f"p50 / p99 in ms, medians over {u['rounds']} rounds of "
+                      f"{u['repeats_per_round']} calls. Load: {u['competitor']}. Served: "
+                      f"{', '.join(f'{k}={v}' for k, v in u['serving_env'].items())}, ONNX Runtime without "
+                      "spinning, and a batch of one on one thread (tasks/serving.py)."])
+
+
 def markdown_targets(r: dict) -> str:
     """docs/benchmarks.md's targets table of bench/results.json (bench/tables.py)."""
     lines = ["| figure | measured | target |", "|---|---|---|"]
     for key, t in r["targets"].items():
         what = TARGET_NAMES.get(key, "")
-        if key in ("int8_vs_fp32ts_bs1", "int8_vs_fp32ts_bs64", "onnx_int8_vs_ts_int8_bs64"):
+        if key in ("int8_vs_fp32ts_bs1", "int8_vs_fp32ts_bs64"):
             what += f", {r['ratio_threads']} threads"
         if t["value"] is None:
             measured = "not measured"
@@ -359,6 +621,8 @@ def markdown_targets(r: dict) -> str:
             measured = _unit(key, t["value"])
             if key == "train_overhead" and (d := r.get("train_overhead_detail")):
                 measured += f" ({d['fit_epoch_s']:.2f} s vs {d['bare_epoch_s']:.2f} s, medians of {d['runs']})"
+            if where := (r.get("under_load") or {}).get(f"{key}_at"):
+                measured += f" ({where})"
             if not t["passed"]:
                 measured = f"**{measured}: not met**"
         op, limit = t["target"].split()
@@ -386,12 +650,18 @@ def print_table(r: dict) -> None:
                   + ("C++ runs fp32.pt as saved (no optimize_for_inference)." if r["cpp"] else
                      "No C++ figures: runner not built (`make cpp`) or failed."))
     targets = Table("figure", "value", "target", "result", title="targets", box=box.SIMPLE_HEAD,
-                    caption=f"speedups: fp32 TS + optimize / int8 QAT, and int8 TS / int8 ONNX, at "
+                    caption=f"speedups: fp32 TS + optimize / int8 QAT at "
                             f"{r['ratio_threads']} threads; onnx/pte size ratios against fp32.onnx/fp32.pt2")
     for k, t in r["targets"].items():
         result = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "not measured"}[t["passed"]]
         targets.add_row(k, "-" if t["value"] is None else f"{t['value']:g}", t["target"], result)
     console.print(targets)
+    for title, (head, rows) in [("ONNX Runtime: our int8.onnx against quantize_static's", ort_rows(r)),
+                                *([("p50 / p99 under load, ms", load_rows(r))] if r["under_load"] else [])]:
+        extra = Table(*head, title=title, box=box.SIMPLE_HEAD)
+        for row in rows:
+            extra.add_row(*row)
+        console.print(extra)
     if d := r["train_overhead_detail"]:
         console.print(f"one epoch: fit {d['fit_epoch_s']} s, bare loop {d['bare_epoch_s']} s (medians of {d['runs']})")
     busy = r["other_jobs_cpu_share"] > 0.1
@@ -407,12 +677,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runner", type=Path, help="C++ runner (default ROOT/deploy/cpp/build/qatflow_runner)")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="few repeats, no training overhead (tests)")
+    parser.add_argument("--no-load", dest="load", action="store_false",
+                        help="skip the latency under a competing CPU load")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     silence_torch_deprecations()
     try:
         results = benchmark(root, args.out or root / "bench", args.runner or root / "deploy/cpp/build/qatflow_runner",
-                            [int(n) for n in args.threads.split(",")], args.quick)
+                            [int(n) for n in args.threads.split(",")], args.quick, args.load)
     except QatflowError as exc:  # a missing model or params file: one line, not a traceback
         sys.exit(f"bench: error: {exc}")
     print_table(results)

@@ -45,6 +45,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "results": _results,
     "benchmark": lambda: benchmark.markdown(_json(BENCH / "results.json")),
     "benchmark-targets": lambda: benchmark.markdown_targets(_json(BENCH / "results.json")),
+    "benchmark-ort-static": lambda: benchmark.markdown_ort(_json(BENCH / "results.json")),
+    "benchmark-load": lambda: benchmark.markdown_load(_json(BENCH / "results.json")),
     "families": lambda: families.markdown(_json(families.RESULTS)),
     "orchestration": lambda: orchestration.markdown(_json(BENCH / "orchestration.json")),
     "ddp": lambda: ddp.markdown(_json(BENCH / "ddp.json")),

@@ -226,6 +226,7 @@ class LatencyReport(Contract):
     model_config = ConfigDict(extra="allow", frozen=True, strict=True)
     __pydantic_extra__: dict[str, dict[str, Timing]] = Field(init=False)
     threads: int
+    threads_per_batch: dict[str, int]  # what serving uses per batch size (tasks/serving.py)
     repeats: int
     torch_version: str
     cpu: str

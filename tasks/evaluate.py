@@ -15,6 +15,11 @@ once everything has been measured and drawn (tasks/atomic.py).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a serving process: OpenMP reads its wait policy once, as torch loads it
+    from tasks.serving import use_serving_wait_policy
+
+    use_serving_wait_policy()
+
 import csv
 import hashlib
 import io
@@ -47,6 +52,7 @@ from tasks.inference import predict_logits, probabilities, time_calls
 from tasks.params import EvaluateParams, load_params
 from tasks.scores import calibration, class_scores, confusion_matrix
 from tasks.variants import BASELINE, DEPLOYED, REFERENCE, VARIANTS
+from tasks.serving import serving_threads
 from tasks.workspace import Workspace, project_workspace
 
 CALIBRATION_BINS = 10
@@ -115,7 +121,9 @@ def evaluate(params: EvaluateParams, workspace: Workspace) -> dict:
 
     metrics: dict = {"test_samples": n}
     latency: dict = {"threads": params.threads, "repeats": params.latency_repeats,
-                     "torch_version": torch.__version__, "cpu": cpu_name()}
+                     "torch_version": torch.__version__, "cpu": cpu_name(),
+                     "threads_per_batch": {f"batch_{b}": serving_threads(b, params.threads)
+                                           for b in params.latency_batch_sizes}}
     scored: dict[str, Scored] = {}
     for name, variant in VARIANTS.items():
         path = variant.path(workspace)
@@ -126,7 +134,8 @@ def evaluate(params: EvaluateParams, workspace: Workspace) -> dict:
                          "ece": round(s.ece, 6), "size_bytes": path.stat().st_size,
                          "sha256": sha256(path)}
         latency[name] = time_calls(lambda v=variant: v.load_for_serving(workspace, names), x,
-                                   params.latency_batch_sizes, params.latency_repeats)
+                                   params.latency_batch_sizes, params.latency_repeats,
+                                   threads=lambda b: serving_threads(b, params.threads))
 
     # From counts, as export's gate computes it: the same files give the same drop.
     metrics |= {

@@ -39,17 +39,23 @@ def probabilities(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.double(), dim=1).numpy()
 
 
-def time_calls(load: Callable[[], Model], x: torch.Tensor, batch_sizes: list[int],
-               repeats: int) -> dict[str, dict[str, float]]:
-    """Median and p90 wall time of single calls, in ms, per batch size: {"batch_B": {...}}.
+def time_calls(load: Callable[[], Model], x: torch.Tensor, batch_sizes: list[int], repeats: int,
+               threads: Callable[[int], int] | None = None,
+               percentiles: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """Median and p90 wall time of single calls, in ms, per batch size: {"batch_B": {...}}
+    (`percentiles`: other statistics, name -> percentile). `threads(batch_size)`: the intra-op
+    threads to load and run each batch size with (tasks/serving.py), else torch's now.
 
     `load` gives a fresh model for each batch size: TorchScript specializes its graph to the
     shapes of its first calls, and a module that ran batch 256 first stays about 2x slower at
     batch 1 however long it warms up (measured on int8.pt: 0.17 vs 0.09 ms).
     """
-    result = {}
+    result, before = {}, torch.get_num_threads()
+    stats = percentiles or {"median_ms": 50, "p90_ms": 90}
     with torch.inference_mode():
         for batch_size in batch_sizes:
+            if threads is not None:  # before loading: ONNX Runtime and ExecuTorch size their pools then
+                torch.set_num_threads(threads(batch_size))
             model = load()
             batch = x[torch.arange(batch_size) % len(x)]  # the inputs repeated if there are fewer
             for _ in range(WARMUP_CALLS):
@@ -59,7 +65,7 @@ def time_calls(load: Callable[[], Model], x: torch.Tensor, batch_sizes: list[int
                 start = time.perf_counter()
                 model(batch)
                 seconds[i] = time.perf_counter() - start
-            median, p90 = np.percentile(seconds * 1e3, [50, 90])
-            result[f"batch_{batch_size}"] = {"median_ms": round(float(median), 4),
-                                             "p90_ms": round(float(p90), 4)}
+            values = np.percentile(seconds * 1e3, list(stats.values()))
+            result[f"batch_{batch_size}"] = {k: round(float(v), 4) for k, v in zip(stats, values)}
+    torch.set_num_threads(before)
     return result

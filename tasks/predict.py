@@ -22,6 +22,11 @@ the input's size.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a serving process: OpenMP reads its wait policy once, as torch loads it
+    from tasks.serving import use_serving_wait_policy
+
+    use_serving_wait_policy()
+
 import csv
 import hashlib
 import io
@@ -44,6 +49,7 @@ from tasks.csvsafe import safe_cell
 from tasks.errors import DataError
 from tasks.inference import predict_logits, probabilities
 from tasks.npyio import CHUNK_BYTES, InMemory, NpyStream, Rows, chunk_rows
+from tasks.serving import serving_threads
 from tasks.readers import (
     IMAGE_SUFFIXES,
     CsvRows,
@@ -207,6 +213,7 @@ def predict(model_path: Path, input_path: Path, out: Path | None = None, batch_s
     # The inputs are checked against the metadata before the model is loaded (and its code runs).
     meta = runtimes.read_meta(model_path, data)
     rows, ids = open_inputs(input_path, meta.input_shape, model_path.name)
+    torch.set_num_threads(serving_threads(batch_size, os.cpu_count() or 1))  # before loading: ORT sizes its pool then
     model, _ = load_model(data, model_path)
     del data
     as_csv = bool(out and out.suffix == ".csv")

@@ -26,8 +26,10 @@ print(json.dumps({{"model": args[0], "samples": len(x), "num_classes": 10, "thre
                   "latency_ms": {{f"batch_{{b}}": {{"median": 0.5, "p90": 0.75}}
                                  for b in option("--batch-sizes").split(",")}}}}))
 """
-RATIOS = ["int8_vs_fp32ts_bs1", "int8_vs_fp32ts_bs64", "size_ratio", "accuracy_drop_pp", "onnx_int8_vs_ts_int8_bs64",
-          "onnx_size_ratio", "onnx_accuracy_drop_pp", "pte_size_ratio", "pte_accuracy_drop_pp"]
+RATIOS = ["int8_vs_fp32ts_bs1", "int8_vs_fp32ts_bs64", "size_ratio", "accuracy_drop_pp", "onnx_int8_vs_ort_static",
+          "onnx_accuracy_vs_ort_static_pp", "onnx_size_ratio", "onnx_accuracy_drop_pp", "pte_size_ratio",
+          "pte_accuracy_drop_pp"]
+LOAD_RATIOS = ["load_p50_vs_quiet_bs1", "load_p50_vs_quiet_bs64", "load_p99_vs_1thread"]
 
 
 def test_quick_benchmark_on_tiny_workspace(tiny_workspace, tmp_path, capsys):
@@ -39,10 +41,10 @@ def test_quick_benchmark_on_tiny_workspace(tiny_workspace, tmp_path, capsys):
 
     run(*bench, "--out", str(tmp_path / "cpp"), "--runner", str(runner), cwd=REPO)
     results = json.loads((tmp_path / "cpp" / "results.json").read_text())
-    for key in RATIOS:
+    for key in [*RATIOS, *LOAD_RATIOS]:
         assert isinstance(results[key], int | float), key
         # A ratio is positive; an accuracy drop is negative where int8 scores higher than fp32.
-        assert key.endswith("drop_pp") or results[key] > 0, (key, results[key])
+        assert key.endswith("_pp") or results[key] > 0, (key, results[key])
         assert results["targets"][key]["passed"] in (True, False)
     # --quick skips the training overhead; the tiny workspace is no DVC project.
     assert results["train_overhead"] is None and results["noop_repro_s"] is None
@@ -58,14 +60,23 @@ def test_quick_benchmark_on_tiny_workspace(tiny_workspace, tmp_path, capsys):
     with np.load(workspace.prepared / "test.npz") as test:  # the stand-in's logits always say class 0
         assert results["cpp"]["cpp_fp32_ts"]["accuracy"] == round(float(np.mean(test["y"] == 0)), 6)
     assert (tmp_path / "cpp" / "results.png").stat().st_size > 0
+    # quantize_static's file against ours at every thread count and batch size, and the under-load
+    # columns per wait policy, phase, variant and thread count.
+    assert set(results["ort_static"]["cells"]) == {f"threads_{n}_batch_{b}" for n in (1, 2) for b in (1, 64)}
+    assert results["ort_static"]["padding_same_predictions"]
+    load = results["under_load"]
+    assert set(load["by_policy"]) == {"spin", "passive"} and load["competitors"] >= 1
+    for phase in ("quiet", "load"):
+        assert load["served"][phase]["int8"]["threads_2"]["batch_1"] == load["by_policy"]["passive"][phase]["int8"]["threads_1"]["batch_1"]
 
     # The same entry point in this process (its latency worker still a process of its own): the
     # command line ran above, and a second interpreter start would add nothing but its imports.
     benchmark_main([*bench[3:], "--out", str(tmp_path / "no-cpp"), "--runner", str(tmp_path / "missing"),
-                    "--threads", "1"])
+                    "--threads", "1", "--no-load"])
     assert "C++ runner not built: run `make cpp`" in capsys.readouterr().out
     results = json.loads((tmp_path / "no-cpp" / "results.json").read_text())
     assert results["cpp"] is None and all(isinstance(results[key], int | float) for key in RATIOS)
+    assert results["under_load"] is None and all(results[key] is None for key in LOAD_RATIOS)
 
 
 def test_quick_train_speed_bench_compares_every_mode_and_renders_its_docs_table(tmp_path):

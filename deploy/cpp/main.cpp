@@ -2,6 +2,13 @@
 // C++, with no Python, and measures its latency.
 //
 //   qatflow_runner MODEL.pt INPUTS.npy [--out LOGITS.npy] [--threads N] [--repeats N] [--batch-sizes 1,64]
+//                  [--serve]
+//
+// On a shared host OpenMP threads that spin at a barrier while a peer is descheduled multiply tail
+// latency (batch 1, two busy loops beside it: p99 220 ms spinning, 9.8 ms passive; see
+// tasks/serving.py). libgomp reads OMP_WAIT_POLICY once, when it is loaded, so the runner
+// re-executes itself with OMP_WAIT_POLICY=PASSIVE when the variable is unset (set it, even empty,
+// to keep your own). --serve runs a batch of one on one thread and larger batches on --threads.
 //
 // INPUTS.npy holds already-normalized float32 inputs (N, C, H, W). The last line on stdout is one
 // JSON object (samples, classes, threads, latency per batch size) for callers to json.loads().
@@ -10,10 +17,13 @@
 #include <ATen/Parallel.h>
 #include <torch/script.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <sstream>
@@ -31,7 +41,7 @@ constexpr int kWarmupCalls = 5;           // as tasks/evaluate.py: the profiling
 
 const char kUsage[] =
     "usage: qatflow_runner MODEL.pt INPUTS.npy [--out LOGITS.npy] [--threads N] [--repeats N]"
-    " [--batch-sizes 1,64]\n";
+    " [--batch-sizes 1,64] [--serve]\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -60,8 +70,12 @@ struct Options {
   std::string model, inputs, out;
   int threads = 2;
   int repeats = 50;
+  bool serve = false;  // threads per batch size, as tasks/serving.py's serving_threads
   std::vector<int64_t> batch_sizes{1, 64};
 };
+
+// tasks/serving.py: SINGLE_THREAD_MAX_BATCH.
+int serving_threads(int64_t batch_size, int available) { return batch_size <= 1 ? 1 : available; }
 
 int64_t positive_int(const std::string& text, const std::string& flag) {
   size_t used = 0;
@@ -87,6 +101,10 @@ Options parse_args(int argc, char** argv) {
     }
     if (arg.rfind("--", 0) != 0) {
       positional.push_back(arg);
+      continue;
+    }
+    if (arg == "--serve") {
+      opt.serve = true;
       continue;
     }
     if (k + 1 >= argc) throw UsageError(arg + " needs a value");
@@ -292,6 +310,7 @@ int run(const Options& opt) {
 
   std::vector<Latency> latencies;
   for (const int64_t bs : opt.batch_sizes) {
+    if (opt.serve) at::set_num_threads(serving_threads(bs, opt.threads));
     latencies.push_back(time_model(load_model(opt.model, backend, variant), x, bs, opt.repeats));
     std::cout << "latency batch " << bs << ": median " << fixed(latencies.back().median_ms) << " ms, p90 "
               << fixed(latencies.back().p90_ms) << " ms (" << opt.repeats << " calls)\n";
@@ -303,6 +322,10 @@ int run(const Options& opt) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr && setenv("OMP_WAIT_POLICY", "PASSIVE", 1) == 0) {
+    execv("/proc/self/exe", argv);  // returns only on failure: then run on, with libgomp's default
+    unsetenv("OMP_WAIT_POLICY");
+  }
   DeprecationFilter filter;
   c10::WarningUtils::WarningHandlerGuard filter_guard(&filter);
   try {

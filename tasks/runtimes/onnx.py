@@ -25,6 +25,7 @@ from tasks.contracts import ExportedMeta, exported_meta_text, parse_json
 from tasks.errors import DataError
 from tasks.quant.coverage import onnx_float_ops
 from tasks.runtimes.interface import ExportedFile
+from tasks.serving import ort_session_config
 from tasks.runtimes.torchscript import first_line
 
 NAME = "onnxruntime"
@@ -150,6 +151,9 @@ def load(path: Path, data: bytes | None = None) -> tuple[OnnxModel, ExportedMeta
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: they are raised, not logged
+    # No spinning thread pool where the process serves with a passive OpenMP wait policy (threads.py).
+    for key, value in ort_session_config(options.intra_op_num_threads).items():
+        options.add_session_config_entry(key, value)
     try:
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
