@@ -39,7 +39,7 @@ from tasks.atomic import write_json, write_with
 from tasks.augment import random_shift
 from tasks.checkpoint import TrainingState
 from tasks.contracts import read_prepared_meta, read_test_split
-from tasks.deployed import OnnxModel
+from tasks.runtimes.onnx import OnnxModel
 from tasks.deprecations import silence_torch_deprecations
 from tasks.environment import cpu_name
 from tasks.errors import QatflowError
@@ -98,7 +98,6 @@ def ort_loaders(onnx_files: dict[str, str], threads: int) -> dict:
     import onnx
 
     from bench import ort_static
-    from tasks.deployed import OnnxModel
 
     out = {}
     for name, path in onnx_files.items():
