@@ -105,7 +105,8 @@ cpp: setup
 	cmake --build $(CPP_BUILD) -j$(CPP_JOBS)
 
 # Every model variant side by side: Python and C++ latency, sizes, accuracy, training-loop and
-# no-op `dvc repro` overhead against the targets -> bench/results.json, bench/results.png (~70 s).
+# no-op `dvc repro` overhead, the quantize_static comparison and latency under a competing load the
+# bench starts itself, against the targets -> bench/results.json, bench/results.png (~14 min here).
 # BENCHMARK_ARGS=--quick for a seconds-long run.
 bench: cpp
 	$(BIN)/python -m bench.benchmark $(BENCHMARK_ARGS)

@@ -9,8 +9,9 @@ Session variants measured on both files alike (bench/benchmark.py times them):
 - graph optimization level: ORT_ENABLE_EXTENDED against ORT_ENABLE_ALL (level 3 adds the NHWC
   transformer that runs QLinearConv in NHWC layout);
 - the first convolution's input channels padded to a multiple of 4 with zero weights (MLAS's
-  symmetric int8 convolution wants it; one input channel misses it). Exact: the padded channels
-  are zeros times zero weights.
+  symmetric int8 convolution wants it; one input channel misses it). In exact arithmetic the
+  padded channels add zeros times zero weights; the bench counts the test predictions it changes
+  (none of our file's, one of quantize_static's here: the kernel it switches to rounds differently).
 """
 
 from __future__ import annotations

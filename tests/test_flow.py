@@ -111,7 +111,8 @@ def test_override_reruns_exactly_the_downstream_stages(project):
     root, env, _ = project
     state = pipeline(overrides={"export.max_accuracy_drop": 99.0}, save_experiment=False, project_dir=str(root),
                      return_state=True)
-    assert state.result()["stages_run"] == ["export", "export_onnx", "export_executorch", "evaluate"]
+    # export_onnx reads no accuracy budget (dvc.yaml lists exact keys), and export's files are unchanged.
+    assert state.result()["stages_run"] == ["export", "export_executorch", "evaluate"]
     assert yaml.safe_load((root / "params.yaml").read_text())["export"]["max_accuracy_drop"] == 99.0
     assert json.loads(dvc("status", "--json", cwd=root, env=env)) == {}
 
