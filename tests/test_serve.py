@@ -210,7 +210,7 @@ def test_served_pipeline_runs_on_schedule_and_sigterm_lets_the_run_finish(prefec
     # The stage in flight at the SIGTERM ran to the end: its outputs and dvc.lock are the new params'.
     assert tasks == {**dict.fromkeys(STAGES, "Skipped"), "evaluate": "Completed"}, tasks
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["evaluate"]
-    assert lock["params"]["params.yaml"]["evaluate"]["misclassified_shown"] == 4
+    assert lock["params"]["params.yaml"]["evaluate.misclassified_shown"] == 4
     assert shown.read_bytes() != before  # 4 misclassified images shown, not 9
     assert json.loads(dvc("status", "--json", cwd=project, env=env)) == {}
     experiments = subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=project,

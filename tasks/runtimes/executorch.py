@@ -19,6 +19,7 @@ from tasks.runtimes.interface import ExportedFile
 from tasks.runtimes.torchscript import first_line
 
 NAME = "executorch"
+LABEL = "ExecuTorch (XNNPACK)"  # for people: in messages
 SUFFIX = ".pte"
 STAGE = "export_executorch"
 META_METHOD = "qatflow_meta"

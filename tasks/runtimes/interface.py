@@ -19,7 +19,8 @@ class ExportedFile:
 
 
 class Runtime(Protocol):
-    NAME: str  # in tables, variants and manifests, e.g. "onnxruntime"
+    NAME: str  # in variants and manifests, e.g. "onnxruntime"
+    LABEL: str  # for people, e.g. "ONNX Runtime"
     SUFFIX: str  # its files' extension: how predict and the isolated check tell runtimes apart
     STAGE: str  # the dvc.yaml stage that writes its files; metrics/<STAGE>.json lists their sha256
 

@@ -29,6 +29,7 @@ from tasks.serving import ort_session_config
 from tasks.runtimes.torchscript import first_line
 
 NAME = "onnxruntime"
+LABEL = "ONNX Runtime"  # for people: in messages
 SUFFIX = ".onnx"
 STAGE = "export_onnx"
 META_KEY = "qatflow.meta"  # metadata_props key of the ExportedMeta JSON

@@ -105,6 +105,7 @@ def check_and_publish(stage: str, variants: dict[str, Variant], exported: dict[s
     figures = ", ".join(f"{name} {c.size_bytes / 1024:.0f} KiB" for name, c in checks.items())
     drop = f"; int8 accuracy drop {verdict.accuracy_drop:g} pp (limit {verdict.max_accuracy_drop:g})" if verdict else ""
     print(f"{stage}: parity passed for {figures}{drop}")
-    say_float_ops(stage, {n: c.float_ops for n, c in checks.items() if c.float_ops is not None},
-                  ", ".join(sorted({RUNTIMES[v.runtime].NAME for v in variants.values()})))
+    for name, check in checks.items():
+        if check.float_ops is not None:
+            say_float_ops(stage, {name: check.float_ops}, RUNTIMES[variants[name].runtime].LABEL)
     return report

@@ -13,6 +13,7 @@ from tasks.runtimes.interface import ExportedFile
 from tasks.runtimes.torchscript import load_archive
 
 NAME = "torch.export"
+LABEL = "torch.export"  # for people: in messages
 SUFFIX = ".pt2"
 STAGE = "export"
 MAX_BATCH = 4096  # the program's batch dimension is dynamic up to this

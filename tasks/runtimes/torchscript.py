@@ -21,6 +21,7 @@ from tasks.quant.coverage import fx_float_ops
 from tasks.runtimes.interface import ExportedFile
 
 NAME = "torchscript"
+LABEL = "TorchScript"  # for people: in messages
 SUFFIX = ".pt"
 STAGE = "export"
 
